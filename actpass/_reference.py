@@ -115,7 +115,13 @@ def scale_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def codes(
-    x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, gend: int, groups: int, noise: torch.Tensor | None
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    gend: int,
+    groups: int,
+    noise: torch.Tensor | None,
 ) -> torch.Tensor:
     """Integer codes (uint8, unpacked, shape of ``x``) for the given per-group range."""
     levels = float(2**bits - 1)

@@ -102,7 +102,8 @@ class MesaConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"actpass: unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(names))}")
+            known = ", ".join(sorted(names))
+            raise ValueError(f"actpass: unknown option(s) {', '.join(map(repr, unknown))}; known: {known}")
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> MesaConfig:

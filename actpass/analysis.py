@@ -1,0 +1,460 @@
+"""Analysis: which tensors does a partitioned forward graph save for backward, and what should happen to each.
+
+This module only reads graphs. :func:`plan_graph` returns a :class:`~actpass.plan.GraphPlan` of frozen records;
+``rewrite.apply_plan`` applies it.
+
+Storage, not nodes. Several saved nodes can be views of one storage: with ``scaled_dot_product_attention`` the
+forward saves ``q``, ``k`` and ``v`` as three ``select`` views of the fused qkv projection; with eager attention the
+bmm operands are transposed 3-D views of a contiguous ``[B, H, N, D]`` copy. Quantizing each view separately would
+keep the full-precision storage alive (a view holds its base). So saved nodes are grouped by their *storage root*:
+the closest producer up the chain of view ops. The root is quantized once; in backward each saved view is replayed
+from the dequantized root by the same view ops.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from actpass import _reference
+from actpass.config import MesaConfig, Stats
+from actpass.plan import Decision, GraphPlan, Layout, Reason, SavedTensor
+from actpass.symbols import SymSource, expr_of
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+# Ops that are aliases in practice even where the schema does not mark them as views.
+_EXTRA_VIEW_OPS = {aten._unsafe_view.default, aten.alias.default, aten.detach.default}
+# Multi-output ops whose outputs are views of the input (reached through operator.getitem).
+_MULTI_VIEW_OPS = {
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.chunk.default,
+    aten.tensor_split.sections,
+}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ATTENTION_HINTS = ("attention", "softmax", "bmm", "baddbmm")
+_NORM_OR_ATTN = re.compile(r"(norm|attention|attn)", re.IGNORECASE)
+
+
+def is_view_node(node: fx.Node) -> bool:
+    """Whether ``node``'s output shares storage with its first tensor input."""
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if t is operator.getitem:
+        src = node.args[0]
+        return isinstance(src, fx.Node) and src.op == "call_function" and src.target in _MULTI_VIEW_OPS
+    if t in _EXTRA_VIEW_OPS:
+        return True
+    return isinstance(t, torch._ops.OpOverload) and t.is_view
+
+
+def view_chain(node: fx.Node) -> list[fx.Node]:
+    """The view ops from the storage root (exclusive) down to ``node`` (inclusive), root first.
+
+    A view reached through ``getitem`` of a multi-output view op (split, unbind) contributes both nodes.
+    """
+    chain: list[fx.Node] = []
+    cur = node
+    while is_view_node(cur):
+        chain.append(cur)
+        if cur.target is operator.getitem:
+            cur = cur.args[0]  # type: ignore[assignment]
+            chain.append(cur)
+        cur = cur.args[0]  # type: ignore[assignment]
+    chain.reverse()
+    return chain
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    cur = node
+    while is_view_node(cur):
+        src = cur.args[0]
+        if cur.target is operator.getitem:
+            src = src.args[0]  # type: ignore[union-attr]
+        cur = src  # type: ignore[assignment]
+    return cur
+
+
+def hint(x: int | torch.SymInt) -> int:
+    """A concrete value for a possibly-symbolic size (its size hint)."""
+    if isinstance(x, int):
+        return x
+    node = x.node
+    h = getattr(node, "hint", None)
+    if h is not None:
+        return int(h)
+    return int(node.shape_env.size_hint(node.expr))
+
+
+def shape_repr(shape) -> tuple[int | str, ...]:
+    return tuple(s if isinstance(s, int) else str(s) for s in shape)
+
+
+def is_dense(val: torch.Tensor) -> bool:
+    """Non-overlapping and dense, judged on size hints (symbolic strides follow the same permutation)."""
+    sizes = [hint(s) for s in val.shape]
+    strides = [hint(s) for s in val.stride()]
+    dims = sorted((i for i in range(len(sizes)) if sizes[i] != 1), key=lambda i: strides[i])
+    expected = 1
+    for i in dims:
+        if strides[i] != expected:
+            return False
+        expected *= sizes[i]
+    return True
+
+
+def memory_perm(val: torch.Tensor) -> tuple[int, ...] | None:
+    """Permutation that makes a dense tensor contiguous (outermost dim first); None if already contiguous."""
+    sizes = [hint(s) for s in val.shape]
+    strides = [hint(s) for s in val.stride()]
+    # Size-1 dims have arbitrary strides: keep them in place relative order by sorting on (stride, -index).
+    perm = sorted(range(len(sizes)), key=lambda i: (-strides[i] if sizes[i] != 1 else -math.inf, i))
+    # Size-1 dims go first (outermost); that is always a valid contiguous order.
+    perm = [i for i in range(len(sizes)) if sizes[i] == 1] + [i for i in perm if sizes[i] != 1]
+    if perm == list(range(len(sizes))):
+        return None
+    return tuple(perm)
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return normalize_module_path(str(path))
+
+
+_L_PREFIX = re.compile(r"^(L\[['\"][^'\"]*['\"]\]|self)\.?")
+
+
+def normalize_module_path(path: str) -> str:
+    """``L['self'].blocks[0].attn`` -> ``blocks.0.attn``; ``L['self']._modules['fc']`` -> ``fc``."""
+    path = _L_PREFIX.sub("", path)
+    path = re.sub(r"_modules\[['\"]([^'\"]+)['\"]\]", r"\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    return path.strip(".").replace("..", ".")
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def source_line(node: fx.Node) -> str:
+    """``file.py:LINE`` of the user's code that produced ``node`` (innermost frame), or ""."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    file, line, _fn = frames[-1]
+    return f"{file.rsplit('/', 1)[-1]}:{line}"
+
+
+def outer_frame(node: fx.Node) -> str:
+    """``file.py:function`` of the outermost frame in ``node``'s stack trace (the compiled function), or ""."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    file, _line, fn = frames[0]
+    return f"{file.rsplit('/', 1)[-1]}:{fn}"
+
+
+def producer_name(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return f"{producer_name(node.args[0])}[{node.args[1]}]"
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"aten.{t.__name__}" if t.namespace == "aten" else str(t)
+    return getattr(t, "__name__", str(t))
+
+
+def _op_short(producer: str) -> str:
+    """``aten.gelu.default`` -> ``gelu``; ``aten.native_layer_norm.default[1]`` -> ``native_layer_norm[1]``."""
+    p = producer[5:] if producer.startswith("aten.") else producer
+    base, sep, idx = p.partition("[")
+    base = base.rsplit(".", 1)[0] if "." in base else base
+    return base + (sep + idx if sep else "")
+
+
+@dataclass
+class _Group:
+    """Saved nodes sharing one storage root (internal to analysis and rewrite)."""
+
+    root: fx.Node
+    members: list[fx.Node] = field(default_factory=list)
+
+
+def _saved_tensor_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> tuple[list[fx.Node], list[fx.Node]]:
+    out = next(iter(fw.graph.find_nodes(op="output")))
+    outs = list(out.args[0])
+    user = [n for n in outs[:num_fwd_outputs] if isinstance(n, fx.Node)]
+    saved = [
+        n for n in outs[num_fwd_outputs:] if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
+    return user, saved
+
+
+def _near(root: fx.Node, depth: int = 3) -> list[str]:
+    """Producer names of nodes within ``depth`` hops of ``root`` (users and inputs)."""
+    seen = {root}
+    frontier = [root]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for m in [*n.users, *(a for a in n.args if isinstance(a, fx.Node))]:
+                if m not in seen:
+                    seen.add(m)
+                    nxt.append(m)
+        frontier = nxt
+    return [producer_name(n) for n in seen if n.op == "call_function"]
+
+
+def _attention_context(root: fx.Node, shape) -> bool:
+    """Whether a 4-D root is an attention tensor: ``[B, H, N, N]`` scores, or softmax/sdpa/bmm nearby."""
+    if hint(shape[1]) >= hint(shape[2]):
+        return False  # [B, N, H, D] (heads after tokens) is channel-last, not per-head; heads are fewer than tokens
+    if hint(shape[-1]) == hint(shape[-2]):
+        return True
+    return any(h in name for name in _near(root) for h in _ATTENTION_HINTS)
+
+
+_CONV_HINTS = ("convolution", "batch_norm", "group_norm", "pool", "upsample")
+
+
+def _matches(patterns: tuple[str, ...], value: str) -> bool:
+    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+def plan_graph(
+    fw: fx.GraphModule,
+    num_fwd_outputs: int,
+    config: MesaConfig,
+    *,
+    bw: fx.GraphModule | None = None,
+    graph_id: int = 0,
+    name: str | None = None,
+    store_name: str = "",
+    key_prefix: str = "",
+) -> GraphPlan:
+    """Decide, for every tensor ``fw`` saves for backward, whether and how to quantize it.
+
+    Args:
+        fw: the partitioned forward graph (outputs: user outputs, then saved tensors, then symints).
+        num_fwd_outputs: how many leading outputs are the user's.
+        config: the policy.
+        bw: the backward graph; with dynamic shapes it tells which symbolic sizes backward can rebuild.
+        graph_id: position of this graph in the backend's compile order.
+        store_name: running-statistics store (only used when ``config.stats`` is running).
+        key_prefix: prefix of running-statistics entry names (e.g. the graph's code location).
+
+    Returns:
+        A :class:`GraphPlan` with one :class:`SavedTensor` per saved tensor, in output order.
+    """
+    user, saved = _saved_tensor_outputs(fw, num_fwd_outputs)
+    syms = SymSource(bw.graph) if bw is not None else None
+    user_roots = {storage_root(n) for n in user}
+    groups: dict[fx.Node, _Group] = {}
+    for n in saved:
+        groups.setdefault(storage_root(n), _Group(storage_root(n))).members.append(n)
+
+    ordinals: dict[tuple[str, str], int] = {}
+    records: dict[str, SavedTensor] = {}
+    for root, grp in groups.items():
+        root_val = root.meta.get("val")
+        mpath = module_path(root) or module_path(grp.members[0])
+        producer = producer_name(root)
+        k = ordinals.setdefault((mpath, _op_short(producer)), 0)
+        ordinals[(mpath, _op_short(producer))] = k + 1
+        tensor_id = f"{mpath}:{_op_short(producer)}#{k}"
+        decision = _decide(root, root_val, grp, user_roots, config, tensor_id, syms)
+        first = grp.members[0]
+        for i, m in enumerate(grp.members):
+            mval = m.meta["val"]
+            common = dict(
+                index=-1,
+                name=m.name,
+                tensor_id=tensor_id,
+                producer=producer_name(m) if m is root else f"{producer_name(m)} of {producer}",
+                module_path=module_path(m) or mpath,
+                source=source_line(m) or source_line(root),
+                shape=shape_repr(mval.shape),
+                dtype=str(mval.dtype),
+            )
+            if i == 0:
+                records[m.name] = SavedTensor(**common, **decision)
+            else:
+                shared = dict(decision)
+                shared.update(bytes_before=0, bytes_after=0, detail=f"shares storage with {first.name}")
+                records[m.name] = SavedTensor(**common, **shared)
+
+    tensors = tuple(_with_index(records[n.name], i) for i, n in enumerate(saved))
+    _ = store_name, key_prefix  # keys are finalised below
+    if config.stats is Stats.RUNNING:
+        tensors = tuple(
+            _with_key(t, f"{store_name}/{key_prefix}{t.tensor_id}") if t.quantized and t.bytes_after else t
+            for t in tensors
+        )
+    return GraphPlan(graph_id=graph_id, name=name or f"graph {graph_id}", tensors=tensors)
+
+
+def _flat_args(args) -> list:
+    out: list = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += _flat_args(a)
+        else:
+            out.append(a)
+    return out
+
+
+def _with_index(t: SavedTensor, i: int) -> SavedTensor:
+    import dataclasses
+
+    return dataclasses.replace(t, index=i)
+
+
+def _with_key(t: SavedTensor, key: str) -> SavedTensor:
+    import dataclasses
+
+    return dataclasses.replace(t, stats_key=key)
+
+
+def _storage_bytes(val: torch.Tensor) -> int:
+    return math.prod(hint(s) for s in val.shape) * val.element_size()
+
+
+def _decide(
+    root: fx.Node,
+    val: torch.Tensor | None,
+    grp: _Group,
+    user_roots: set[fx.Node],
+    config: MesaConfig,
+    tensor_id: str,
+    syms: SymSource | None,
+) -> dict:
+    """Decision fields of the group's first record (layout, decision, reason, bytes, grouping)."""
+    nbytes = _storage_bytes(val) if isinstance(val, torch.Tensor) else 0
+
+    def kept(reason: Reason, detail: str, layout: Layout = Layout.OTHER, heads: int | None = None) -> dict:
+        return dict(
+            layout=layout,
+            heads=heads,
+            decision=Decision.KEPT,
+            reason=reason,
+            detail=detail,
+            bytes_before=nbytes,
+            bytes_after=nbytes,
+        )
+
+    if root.op == "placeholder":
+        return kept(Reason.PARAM_OR_INPUT, f"{'view of ' if root not in grp.members else ''}graph input {root.name}")
+    if not isinstance(val, torch.Tensor):
+        return kept(Reason.UNSUPPORTED, "storage root has no tensor metadata")
+    if root in user_roots:
+        return kept(Reason.USER_OUTPUT, "its storage is returned to the user and stays alive anyway")
+    if not val.dtype.is_floating_point and not val.dtype.is_complex:
+        return kept(Reason.NOT_FLOAT, f"{val.dtype} is stored exactly")
+    if val.dtype not in _FLOAT_DTYPES:
+        return kept(Reason.UNSUPPORTED, f"dtype {val.dtype} is not supported (float32, bfloat16, float16 are)")
+    if val.dim() == 0 or nbytes < config.min_bytes:
+        return kept(Reason.TOO_SMALL, f"{nbytes} B < min_bytes={config.min_bytes}")
+    if not is_dense(val):
+        return kept(Reason.ALIAS, "storage root is a broadcast or overlapping view")
+    for m in grp.members:
+        if m is root:
+            continue
+        for step in view_chain(m):
+            if any(isinstance(a, fx.Node) and not isinstance(a.meta.get("val"), torch.SymInt) for a in step.args[1:]):
+                return kept(Reason.UNSUPPORTED, f"view {step.name} takes a tensor argument; cannot replay it")
+
+    perm = memory_perm(val)
+    shape = [val.shape[i] for i in perm] if perm else list(val.shape)
+    hshape = [hint(s) for s in shape]
+    producer = producer_name(root)
+    short = _op_short(producer)
+    mpath = module_path(root)
+
+    # Row statistics (LayerNorm mean/rstd, RMSNorm rsqrt, attention logsumexp) scale whole rows of the gradient;
+    # they are ~1/C of the activation bytes, so they stay exact.
+    row_stat = "[" in short and not short.endswith("[0]") and _NORM_OR_ATTN.search(short)
+    if (hshape[-1] == 1 and len(hshape) >= 2) or row_stat:
+        return kept(Reason.POLICY, "row statistic (normalization/attention): kept exact, it scales whole rows")
+
+    bits = config.bits
+    for pattern, obits in config.overrides:
+        if fnmatch.fnmatchcase(tensor_id, pattern):
+            if obits == 0:
+                return kept(Reason.POLICY, f"override {pattern!r} keeps it exact")
+            bits = obits
+            break
+    else:
+        if not _matches(config.include, mpath) or _matches(config.exclude, mpath):
+            return kept(Reason.POLICY, f"module {mpath or '<top>'!r} excluded by include/exclude globs")
+        if (config.include_ops and not _matches(config.include_ops, short)) or _matches(config.exclude_ops, short):
+            return kept(Reason.POLICY, f"op {short!r} excluded by include_ops/exclude_ops")
+
+    running = config.stats is Stats.RUNNING
+    layout, heads = Layout.CHANNEL_LAST, None
+    if len(shape) == 4 and perm is None and any(h in producer for h in _CONV_HINTS):
+        layout = Layout.OTHER  # NCHW conv activations: per (sample, channel)
+        gend, groups = 2, (shape[1] if running else -1)
+    elif len(shape) == 4 and _attention_context(root, shape):
+        layout, heads = Layout.PER_HEAD, shape[1]
+        gend, groups = 2, (shape[1] if running else -1)
+    elif len(shape) == 1:
+        layout = Layout.OTHER
+        gend, groups = 0, 1
+    elif isinstance(shape[-1], int):
+        gend, groups = len(shape), shape[-1]  # per channel: see NOTE in README "Grouping" for the measured error
+    else:
+        gend, groups = len(shape) - 1, -1  # channel count is symbolic: fall back to per-row statistics
+    if running and (not isinstance(groups, int) or groups == -1):
+        return kept(Reason.UNSUPPORTED, "running statistics need a static group count (heads/channels)", layout)
+    if not isinstance(heads, (int, type(None))):
+        heads = hint(heads)
+    g = hint(groups) if groups != -1 else math.prod(hshape[:gend])
+    last = hshape[-1]
+    qbytes = math.prod(hshape[:-1]) * _reference.packed_last_dim(last, bits) if bits != 8 else math.prod(hshape)
+    after = qbytes + 2 * 4 * g
+    if after >= nbytes:
+        return kept(Reason.TOO_SMALL, f"codes+statistics ({after} B) would not be smaller than {nbytes} B", layout)
+    if syms is not None:
+        # Backward must rebuild every symbolic size it needs: the replayed views' arguments and, for packed codes,
+        # the last dim. The codes' own shape carries every dim but a packed last one.
+        carried = {s.node.expr for s in (shape if bits == 8 else shape[:-1]) if isinstance(s, torch.SymInt)}
+        carried = {e for e in carried if e.is_Symbol}
+        needed: list = [shape[-1]]
+        for m in grp.members:
+            for step in view_chain(m) if m is not root else []:
+                needed += _flat_args(step.args[1:])
+        for n in needed:
+            if isinstance(n, (fx.Node, torch.SymInt)) and not syms.can_emit(n, carried):
+                return kept(Reason.UNSUPPORTED, f"symbolic size {expr_of(n)} is not available in backward", layout)
+    detail = f"{bits}-bit, {'per-head' if layout is Layout.PER_HEAD else 'per-group'} " + (
+        f"statistics over {g} groups" if groups != -1 else f"statistics per {'(batch, head)' if heads else 'row'}"
+    )
+    if perm:
+        detail += f", quantized in memory order {list(perm)}"
+    return dict(
+        layout=layout,
+        heads=heads,
+        decision=Decision.QUANTIZED,
+        reason=Reason.QUANTIZED,
+        detail=detail,
+        bytes_before=nbytes,
+        bytes_after=after,
+        bits=bits,
+        gend=gend,
+        groups=groups if isinstance(groups, int) else -1,
+        perm=perm,
+    )
