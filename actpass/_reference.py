@@ -111,7 +111,9 @@ def update_running(
 
 
 def scale_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    return (hi - lo) / float(2**bits - 1)
+    # NOTE: divide by a tensor, not a Python number: on CUDA, ``t / python_float`` is computed as ``t * (1 / float)``,
+    # which differs from the true quotient in the last bit for ~70% of inputs and would make the spec device-dependent.
+    return (hi - lo) / torch.full_like(hi, float(2**bits - 1))
 
 
 def codes(
