@@ -276,7 +276,7 @@ def plan_graph(
         k = ordinals.setdefault((mpath, _op_short(producer)), 0)
         ordinals[(mpath, _op_short(producer))] = k + 1
         tensor_id = f"{mpath}:{_op_short(producer)}#{k}"
-        decision = _decide(root, root_val, grp, user_roots, config, tensor_id, syms)
+        decision = _decide(root, root_val, grp, user_roots, config, tensor_id, mpath, syms)
         first = grp.members[0]
         for i, m in enumerate(grp.members):
             mval = m.meta["val"]
@@ -285,7 +285,7 @@ def plan_graph(
                 name=m.name,
                 tensor_id=tensor_id,
                 producer=producer_name(m) if m is root else f"{producer_name(m)} of {producer}",
-                module_path=module_path(m) or mpath,
+                module_path=mpath,  # the producing module: the same path the policy globs match
                 source=source_line(m) or source_line(root),
                 shape=shape_repr(mval.shape),
                 dtype=str(mval.dtype),
@@ -340,6 +340,7 @@ def _decide(
     user_roots: set[fx.Node],
     config: MesaConfig,
     tensor_id: str,
+    mpath: str,
     syms: SymSource | None,
 ) -> dict:
     """Decision fields of the group's first record (layout, decision, reason, bytes, grouping)."""
@@ -382,7 +383,6 @@ def _decide(
     hshape = [hint(s) for s in shape]
     producer = producer_name(root)
     short = _op_short(producer)
-    mpath = module_path(root)
 
     # Row statistics (LayerNorm mean/rstd, RMSNorm rsqrt, attention logsumexp) scale whole rows of the gradient;
     # they are ~1/C of the activation bytes, so they stay exact.
@@ -405,12 +405,16 @@ def _decide(
 
     running = config.stats is Stats.RUNNING
     layout, heads = Layout.CHANNEL_LAST, None
+    lshape = list(val.shape)  # logical order decides the layout; memory order decides the grouping
     if len(shape) == 4 and perm is None and any(h in producer for h in _CONV_HINTS):
         layout = Layout.OTHER  # NCHW conv activations: per (sample, channel)
         gend, groups = 2, (shape[1] if running else -1)
-    elif len(shape) == 4 and _attention_context(root, shape):
-        layout, heads = Layout.PER_HEAD, shape[1]
-        gend, groups = 2, (shape[1] if running else -1)
+    elif len(lshape) == 4 and perm in (None, (0, 2, 1, 3)) and _attention_context(root, lshape):
+        layout, heads = Layout.PER_HEAD, lshape[1]
+        if perm is None:  # [B, H, N, D] in memory: per (batch, head), or per head for running statistics
+            gend, groups = 2, (lshape[1] if running else -1)
+        else:  # [B, N, H, D] in memory (e.g. sdpa's output): runs of D folded per head
+            gend, groups = 3, lshape[1]
     elif len(shape) == 1:
         layout = Layout.OTHER
         gend, groups = 0, 1

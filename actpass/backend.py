@@ -102,11 +102,15 @@ class MesaBackend:
         >>> backend.plans[0].saved_bytes_after  # doctest: +SKIP
     """
 
-    def __init__(self, config: MesaConfig | None = None, *, store: RunningStats | None = None) -> None:
+    def __init__(
+        self, config: MesaConfig | None = None, *, store: RunningStats | None = None, keep_graphs: bool = False
+    ) -> None:
         self.config = config or MesaConfig()
         self.store = store or default_store()
         self.plans: list[GraphPlan] = []
         self.skips: list[GraphSkip] = []
+        self.keep_graphs = keep_graphs  # keep the rewritten (forward, backward) GraphModules, for tests and debugging
+        self.graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []
         self.on_graph: Callable[[GraphPlan], None] | None = None  # progress hook (the CLI sets it)
 
     def __repr__(self) -> str:
@@ -134,6 +138,7 @@ class MesaBackend:
         """Forget recorded plans (running statistics stay in the store)."""
         self.plans.clear()
         self.skips.clear()
+        self.graphs.clear()
 
     # -- the pass ---------------------------------------------------------------------------------------------
     def _rewrite(
@@ -167,6 +172,8 @@ class MesaBackend:
             self._record(plan, GraphSkip(graph_id, SkipReason.REWRITE_FAILED, msg))
             # The rewrite may have modified the graphs before failing: let the caller re-partition.
             raise _Fallback from e
+        if self.keep_graphs:
+            self.graphs.append((fw, bw))
         self._record(plan)
 
     def _record(self, plan: GraphPlan, skip: GraphSkip | None = None) -> None:
@@ -211,7 +218,9 @@ def _key_prefix(gm: fx.GraphModule) -> str:
     return ""
 
 
-def mesa(config: MesaConfig | None = None, *, store: RunningStats | None = None, **options: Any) -> MesaBackend:
+def mesa(
+    config: MesaConfig | None = None, *, store: RunningStats | None = None, keep_graphs: bool = False, **options: Any
+) -> MesaBackend:
     """Build a mesa backend from a config object and/or keyword options.
 
     Example:
@@ -222,7 +231,7 @@ def mesa(config: MesaConfig | None = None, *, store: RunningStats | None = None,
         base = (config or MesaConfig()).to_dict()
         base.update(options)
         config = MesaConfig.from_dict(base)
-    return MesaBackend(config, store=store)
+    return MesaBackend(config, store=store, keep_graphs=keep_graphs)
 
 
 _DEFAULT_BACKENDS: dict[MesaConfig, MesaBackend] = {}

@@ -1,0 +1,364 @@
+"""The mesa backend against eager: losses, every gradient, graph structure, and what must not change."""
+
+from __future__ import annotations
+
+import copy
+import operator
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from _models import Block, TinyLM, grads, rel_err
+
+import actpass
+from actpass.plan import Layout, Reason
+
+Q = torch.ops.actpass.quantize_saved.default
+DQ = torch.ops.actpass.dequantize.default
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def step(model, x, autocast=False):
+    for p in model.parameters():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), out.detach()
+
+
+def compare(model, x, backend, autocast=False):
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=backend)
+    loss, out = step(compiled, x, autocast)
+    ref_loss, ref_out = step(ref, x, autocast)
+    return loss, ref_loss, out, ref_out, grads(model), grads(ref)
+
+
+# Shapes of a DeiT-S block (dim 384, 6 heads) on a short sequence: real layouts at CPU cost.
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("inner", ["inductor", "eager"])
+def test_fp32_matches_eager_within_int8_error(attn, inner):
+    torch.manual_seed(0)
+    model = Block(384, 6, attn)
+    x = torch.randn(2, 50, 384)
+    be = actpass.mesa(inner=inner)
+    loss, ref_loss, out, ref_out, g, g_ref = compare(model, x, be)
+    # Forward stays exact (up to the inner compiler's own reassociation).
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    assert rel_err(g, g_ref) < 0.01
+    for name in g_ref:  # every gradient, not just the total
+        assert rel_err({name: g[name]}, {name: g_ref[name]}) < 0.03, name
+    plan = be.plans[0]
+    assert len(plan.quantized) >= 8
+    assert plan.saved_bytes_before / plan.saved_bytes_after > 3.5
+
+
+def test_error_shrinks_with_bits():
+    """The gradient error is what the bit width allows: 8 < 4 < 2 bits, with int8 under 1%."""
+    torch.manual_seed(0)
+    model = Block(64, 4)
+    x = torch.randn(4, 33, 64)
+    errs = {}
+    for bits in (8, 4, 2):
+        *_, g, g_ref = compare(copy.deepcopy(model), x, actpass.mesa(bits=bits, inner="eager"))
+        errs[bits] = rel_err(g, g_ref)
+    assert errs[8] < 0.01 < errs[4] < errs[2], errs
+
+
+def test_bf16_autocast_error_within_3x_of_inductor_bf16():
+    torch.manual_seed(0)
+    model = Block(128, 4)
+    x = torch.randn(4, 64, 128)
+    fp32 = copy.deepcopy(model)
+    step(fp32, x)
+    g32 = grads(fp32)
+    ind = copy.deepcopy(model)
+    step(torch.compile(ind, backend="inductor"), x, autocast=True)
+    torch._dynamo.reset()
+    be = actpass.mesa()
+    step(torch.compile(model, backend=be), x, autocast=True)
+    e_ind, e_mesa = rel_err(grads(ind), g32), rel_err(grads(model), g32)
+    assert e_mesa <= 3 * e_ind + 1e-3, (e_mesa, e_ind)
+    assert any(t.dtype == "torch.bfloat16" for t in be.plans[0].quantized)
+
+
+def test_lm_with_cross_entropy_matches_eager():
+    torch.manual_seed(0)
+    model = TinyLM()
+    idx = torch.randint(0, 64, (4, 32))
+    ref = copy.deepcopy(model)
+    be = actpass.mesa(inner="eager")
+    loss = torch.compile(model, backend=be)(idx, idx)
+    loss.backward()
+    ref_loss = ref(idx, idx)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    assert rel_err(grads(model), grads(ref)) < 0.01
+    kept = {t.reason for t in be.plans[0].tensors if not t.quantized}
+    assert Reason.PARAM_OR_INPUT in kept
+
+
+def _graph_structure(fw, bw, plan):
+    fq = [n for n in fw.graph.nodes if n.target is Q]
+    bdq = [n for n in bw.graph.nodes if n.target is DQ]
+    roots = {t.tensor_id for t in plan.quantized}
+    assert len(fq) == len(bdq) == len(roots)
+    fw_out = list(next(iter(fw.graph.find_nodes(op="output"))).args[0])
+    bw_ph = [n for n in bw.graph.find_nodes(op="placeholder")]
+    new_out = [n.name for n in fw_out if isinstance(n, torch.fx.Node) and "_actpass_" in n.name]
+    new_ph = [n.name for n in bw_ph if "_actpass_" in n.name]
+    assert new_out == new_ph and len(new_ph) == 3 * len(roots)  # aligned, same names, in order
+    fw_names = {n.name for n in fw.graph.nodes}
+    bw_names = {n.name for n in bw.graph.nodes}
+    assert len(fw_names) == len(list(fw.graph.nodes)) and len(bw_names) == len(list(bw.graph.nodes))
+    for p in new_ph:  # nothing named like a new placeholder exists in forward except the matching output
+        assert p in fw_names
+    # Dequantize sits just before its first use: only view replays / size computations come in between.
+    order = list(bw.graph.nodes)
+    for d in bdq:
+        i = order.index(d)
+        j = i + 1
+        while order[j].op == "call_function" and _is_replay(order[j], d):
+            j += 1
+        assert any(_reaches(d, order[j].args)), f"{d.name} is not used by the next compute node {order[j].name}"
+    # Quantize comes right after the root it reads (allowing the memory-order permute).
+    forder = list(fw.graph.nodes)
+    for q in fq:
+        src = q.args[0]
+        if src.target is torch.ops.aten.permute.default:
+            src = src.args[0]
+        assert forder.index(q) - forder.index(src) <= 2
+
+
+def _is_replay(node, d) -> bool:
+    if node.target in (torch.ops.aten.sym_size.int, operator.mul, operator.add):
+        return True
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.is_view and any(_reaches(d, node.args))
+
+
+def _reaches(d, args) -> list[bool]:
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += _reaches(d, a)
+        elif isinstance(a, torch.fx.Node):
+            cur, hit = a, False
+            for _ in range(8):
+                if cur is d:
+                    hit = True
+                    break
+                if not cur.args or not isinstance(cur.args[0], torch.fx.Node):
+                    break
+                cur = cur.args[0]
+            out.append(hit)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_graph_structure(attn):
+    torch.manual_seed(0)
+    model = Block(64, 4, attn)
+    be = actpass.mesa(inner="eager", keep_graphs=True)
+    step(torch.compile(model, backend=be), torch.randn(4, 33, 64))
+    (fw, bw), plan = be.graphs[0], be.plans[0]
+    _graph_structure(fw, bw, plan)
+    layouts = {t.layout for t in plan.quantized}
+    assert Layout.PER_HEAD in layouts and Layout.CHANNEL_LAST in layouts
+    # Planned bytes equal what the graph outputs: codes + statistics of each quantized root.
+    meta_bytes = 0
+    for n in next(iter(fw.graph.find_nodes(op="output"))).args[0]:
+        if isinstance(n, torch.fx.Node) and "_actpass_" in n.name:
+            v = n.meta["val"]
+            meta_bytes += v.numel() * v.element_size()
+    assert meta_bytes == sum(t.bytes_after for t in plan.quantized)
+
+
+def test_sdpa_qkv_views_share_one_quantized_storage():
+    model = Block(64, 4, "sdpa")
+    be = actpass.mesa(inner="eager")
+    step(torch.compile(model, backend=be), torch.randn(4, 33, 64))
+    selects = [t for t in be.plans[0].tensors if t.producer.startswith("aten.select")]
+    assert len(selects) == 3
+    assert len({t.tensor_id for t in selects}) == 1  # one root
+    assert sorted(t.bytes_after > 0 for t in selects) == [False, False, True]  # counted once
+
+
+def test_no_grad_and_inference_mode_pass_through():
+    model = Block(64, 4)
+    x = torch.randn(2, 17, 64)
+    be = actpass.mesa()
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        a = compiled(x)
+    with torch.inference_mode():
+        b = compiled(x)
+    torch.testing.assert_close(a, model(x).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, a)
+    assert be.plans == []  # no partition, nothing rewritten
+
+
+def test_forward_outputs_equal_inductor_and_structure_is_unchanged():
+    class TwoOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block(64, 4)
+
+        def forward(self, x):
+            h = self.block(x)
+            return {"h": h, "mean": h.mean(dim=-1)}
+
+    torch.manual_seed(0)
+    model = TwoOut()
+    x = torch.randn(2, 17, 64)
+    base = torch.compile(copy.deepcopy(model), backend="inductor")(x)
+    torch._dynamo.reset()
+    be = actpass.mesa()
+    out = torch.compile(model, backend=be)(x)
+    assert isinstance(out, dict) and out.keys() == base.keys()
+    for k in base:
+        torch.testing.assert_close(out[k], base[k], rtol=0, atol=0)
+    (out["h"].sum() + out["mean"].sum()).backward()
+    assert be.plans and be.plans[0].quantized
+
+
+def test_user_output_that_is_saved_is_kept():
+    class ReturnsHidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 64)
+
+        def forward(self, x):
+            h = torch.nn.functional.gelu(self.fc1(x))  # h is returned AND saved for fc2's backward
+            return self.fc2(h), h
+
+    be = actpass.mesa(inner="eager")
+    y, h = torch.compile(ReturnsHidden(), backend=be)(torch.randn(8, 32, 64))
+    (y.sum() + h.sum()).backward()
+    assert Reason.USER_OUTPUT in {t.reason for t in be.plans[0].tensors}
+
+
+def test_graph_break_each_graph_is_planned():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Block(64, 4), Block(64, 4)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    torch.manual_seed(0)
+    model = Broken()
+    x = torch.randn(2, 17, 64)
+    be = actpass.mesa(inner="eager")
+    *_, g, g_ref = compare(model, x, be)
+    assert len(be.plans) == 2 and all(p.quantized for p in be.plans)
+    assert rel_err(g, g_ref) < 0.01
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dynamic_batch_and_sequence(bits):
+    torch.manual_seed(0)
+    model = Block(64, 4, "eager")
+    ref = copy.deepcopy(model)
+    be = actpass.mesa(bits=bits)
+    compiled = torch.compile(model, backend=be)
+    for b, n in [(2, 17), (3, 29), (5, 11)]:
+        x = torch.randn(b, n, 64)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(x, 1)
+        step(compiled, x)
+        step(ref, x)
+        assert rel_err(grads(model), grads(ref)) < (0.01 if bits == 8 else 0.1)
+    assert len(be.plans) == 1  # one graph served every shape
+    assert be.plans[0].quantized and not be.skips
+
+
+def test_nan_propagates_like_eager_and_does_not_crash():
+    model = Block(64, 4)
+    x = torch.randn(2, 17, 64)
+    x[0, 3, 5] = float("nan")
+    be = actpass.mesa(inner="eager")
+    *_, g, g_ref = compare(model, x, be)
+    for name in g_ref:
+        assert torch.isnan(g[name]).any() == torch.isnan(g_ref[name]).any(), name
+
+
+def test_non_contiguous_input_and_fp16():
+    torch.manual_seed(0)
+    model = Block(64, 4).half()
+    x = torch.randn(64, 17, 2).half().permute(2, 1, 0)  # [2, 17, 64], non-contiguous
+    be = actpass.mesa(inner="eager")
+    *_, g, g_ref = compare(model, x, be)
+    assert rel_err(g, g_ref) < 0.02
+    assert any(t.dtype == "torch.float16" for t in be.plans[0].quantized)
+
+
+def test_policy_exclude_include_ops_overrides_min_bytes():
+    model = Block(64, 4)
+    x = torch.randn(4, 33, 64)
+
+    def plan(**opts):
+        torch._dynamo.reset()
+        be = actpass.mesa(inner="eager", **opts)
+        step(torch.compile(copy.deepcopy(model), backend=be), x)
+        return be.plans[0]
+
+    p = plan(exclude=["fc*"])
+    fc = [t for t in p.tensors if t.module_path.startswith("fc") and t.bytes_before > 4096]
+    assert fc and all(t.reason is Reason.POLICY for t in fc)
+    p = plan(include_ops=["gelu"])
+    assert {t.tensor_id.split(":")[1].split("#")[0] for t in p.quantized} <= {"gelu"}
+    p = plan(overrides={"fc1:*": 4, "attn*": 0})
+    assert all(t.bits == 4 for t in p.quantized if t.tensor_id.startswith("fc1:"))
+    assert not [t for t in p.quantized if t.tensor_id.startswith("attn")]
+    p = plan(min_bytes=10**9)
+    assert not p.quantized and Reason.TOO_SMALL in {t.reason for t in p.tensors}
+
+
+def test_integer_saved_tensor_is_kept():
+    class Gather(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            idx = x.argmax(dim=-1, keepdim=True).expand(-1, -1, 64).contiguous()  # int64, saved by gather
+            return torch.gather(self.fc(x), -1, idx) * 2
+
+    be = actpass.mesa(inner="eager", min_bytes=0)
+    torch.compile(Gather(), backend=be)(torch.randn(4, 32, 64)).sum().backward()
+    assert Reason.NOT_FLOAT in {t.reason for t in be.plans[0].tensors}
+
+
+def test_string_backend_via_entry_point_without_import():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))\n"
+        "c = torch.compile(m, backend='mesa', options={'bits': 4, 'inner': 'eager'})\n"
+        "c(torch.randn(16, 64)).sum().backward()\n"
+        "import actpass\n"
+        "b = actpass.recorded_backend({'bits': 4, 'inner': 'eager'})\n"
+        "print(len(b.plans), len(b.plans[0].quantized), b.plans[0].quantized[0].bits)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "2", "4"]
+
+
+def test_bad_option_names_the_value():
+    m = nn.Linear(4, 4)
+    with pytest.raises(Exception, match="bits must be one of .* got 3"):
+        torch.compile(m, backend="mesa", options={"bits": 3})(torch.randn(2, 4))
