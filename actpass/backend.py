@@ -106,7 +106,7 @@ class MesaBackend:
         self, config: MesaConfig | None = None, *, store: RunningStats | None = None, keep_graphs: bool = False
     ) -> None:
         self.config = config or MesaConfig()
-        self.store = store or default_store()
+        self.store = store if store is not None else default_store()
         self.plans: list[GraphPlan] = []
         self.skips: list[GraphSkip] = []
         self.keep_graphs = keep_graphs  # keep the rewritten (forward, backward) GraphModules, for tests and debugging

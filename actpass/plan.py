@@ -42,7 +42,7 @@ class SavedTensor:
     name: str  # forward graph node name
     tensor_id: str  # stable id "module.path:op#k", used by overrides and running-statistics keys
     producer: str  # producing op, e.g. "aten.gelu.default"
-    module_path: str  # module that produced the storage, e.g. "blocks.0.mlp.fc1" ("" = top level); policy globs match it
+    module_path: str  # module that produced the storage, e.g. "blocks.0.mlp.fc1" ("" = top); policy globs match it
     source: str  # user's source line, "file.py:42" (best effort; "" if unknown)
     shape: tuple[int | str, ...]  # symbolic dims shown as strings
     dtype: str  # e.g. "torch.float32"
