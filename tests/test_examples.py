@@ -7,7 +7,7 @@ stricter way: dataclasses and Hugging Face subclasses must still work). The mesa
 import doctest
 import importlib.util
 import math
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -157,11 +157,19 @@ def test_training_demo_rejects_bad_arguments() -> None:
         train.parse_args("demo", {"tiny_test": None}, "tiny_test", 2, argv=["--steps", "0"])
 
 
-def test_main_runs_as_a_script() -> None:
-    cmd = [sys.executable, str(EXAMPLES / "vit.py"), "--backend", "eager", "--steps", "2", "--preset", "tiny_test"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("loss") == 2
+@pytest.mark.parametrize("name", PLAIN)
+def test_main_runs_as_a_script(name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # In-process (runpy) rather than a subprocess: the same __main__ code and sys.path trick, without a second
+    # interpreter importing torch.
+    argv = [f"{name}.py", "--backend", "eager", "--steps", "2", "--preset", "tiny_test", "--batch", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "_train", raising=False)
+    try:
+        runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    finally:
+        sys.modules.pop("_train", None)
+    assert capsys.readouterr().out.count(" loss ") == 2
 
 
 @pytest.mark.parametrize("name", [*ALL, "_train"])
