@@ -449,3 +449,13 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "quantize_cuda.o").stat().st_size > 0
     print(f"nvcc compile: {time.perf_counter() - start:.1f} s")
+
+
+def test_gpu_bench_step_without_cuda_exits_with_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the script would run the benchmark")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gpu_bench_step.py")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "CUDA is not available" in proc.stderr

@@ -1,0 +1,223 @@
+"""Time the compiled quantize/dequantize kernels against the PyTorch reference on activation-sized tensors.
+
+For each device (CPU, and CUDA when available), shape, dtype and bit width it reports the median time of the
+compiled kernel and of ``actpass._reference``, the speed-up, and the logical bandwidth: bytes the op must move at
+least (input read once + output written) per second. A device-to-device copy (``torch.Tensor.copy_``) of the same
+input gives the bandwidth ceiling; ``frac_copy`` is the kernel's logical bandwidth as a fraction of it (quantize
+reads its input twice, so ~0.5-0.7 of copy bandwidth is the practical ceiling for it).
+
+Usage::
+
+    python tools/bench_kernels.py                 # CPU (+ CUDA if available), writes tools/results/kernels-<dev>.json
+    python tools/bench_kernels.py --device cpu --quick
+
+Results go to ``tools/results/kernels-<device-name>.json`` (device name from /proc/cpuinfo "model name" or the GPU
+name). Nothing in the package imports this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import actpass.ops  # noqa: E402,F401  (defines torch.ops.actpass)
+from actpass import _extension  # noqa: E402
+from actpass import _reference as ref  # noqa: E402
+
+# (name, shape, gend, groups): DeiT-S activations at batch 64.
+SHAPES = [
+    ("mlp [64,197,384] per channel", (64, 197, 384), 3, 384),
+    ("attn [64,6,197,197] per (b,h)", (64, 6, 197, 197), 2, -1),
+    ("bmm [384,197,64] per head", (384, 197, 64), 1, 6),
+    ("rows [12608,384] per row", (64 * 197, 384), 1, -1),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def device_name(device: str) -> str:
+    """``cpu-<model>`` from /proc/cpuinfo, or the GPU name, lower-case with runs of other characters as ``-``."""
+    if device == "cuda":
+        raw = torch.cuda.get_device_name()
+    else:
+        raw = platform.processor() or "unknown"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    raw = line.split(":", 1)[1]
+                    break
+        except OSError:
+            pass
+        raw = f"cpu-{raw}"
+    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps(device: str, nbytes: int, repeats: int) -> float:
+    """Bandwidth of a same-device copy of ``nbytes`` (read + write counted), GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats, warmup=2)
+    return 2 * nbytes / ms / 1e6
+
+
+def bench_device(device: str, bits_list: list[int], repeats: int, ref_repeats: int, stochastic: bool) -> dict:
+    if not _extension.load_once() or not _extension.has_kernel(device):
+        raise SystemExit(f"bench_kernels: no compiled {device} kernel ({_extension.status()['reason']})")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    copy_cache: dict[int, float] = {}
+    for name, shape, gend, groups in SHAPES:
+        base = torch.randn(shape, generator=gen)
+        for dname, dtype in DTYPES.items():
+            x = base.to(device=device, dtype=dtype)
+            in_bytes = x.numel() * x.element_size()
+            if in_bytes not in copy_cache:
+                copy_cache[in_bytes] = copy_gbps(device, in_bytes, repeats)
+            for bits in bits_list:
+                q, s, lo = torch.ops.actpass.quantize(x, bits, gend, groups, stochastic, None, 0.9)
+                q_bytes = q.numel() + 8 * s.numel()
+                quantize_args = (x, bits, gend, groups, stochastic, None, 0.9)
+                dequantize_args = (q, s, lo, bits, gend, shape[-1], dtype)
+                timings = {
+                    "quantize": (
+                        functools.partial(torch.ops.actpass.quantize, *quantize_args),
+                        functools.partial(ref.quantize, *quantize_args),
+                        in_bytes + q_bytes,
+                    ),
+                    "dequantize": (
+                        functools.partial(torch.ops.actpass.dequantize, *dequantize_args),
+                        functools.partial(ref.dequantize, *dequantize_args),
+                        q_bytes + in_bytes,
+                    ),
+                }
+                for op, (compiled, reference, nbytes) in timings.items():
+                    ms = median_ms(compiled, device, repeats)
+                    ref_ms = median_ms(reference, device, ref_repeats)
+                    gbps = nbytes / ms / 1e6
+                    rows.append(
+                        {
+                            "op": op,
+                            "shape": name,
+                            "dtype": dname,
+                            "bits": bits,
+                            "stochastic": stochastic if op == "quantize" else False,
+                            "compiled_ms": round(ms, 3),
+                            "reference_ms": round(ref_ms, 3),
+                            "speedup": round(ref_ms / ms, 2),
+                            "bytes": nbytes,
+                            "compiled_GBps": round(gbps, 2),
+                            "copy_GBps": round(copy_cache[in_bytes], 2),
+                            "frac_copy": round(gbps / copy_cache[in_bytes], 3),
+                        }
+                    )
+                    r = rows[-1]
+                    print(
+                        f"{device:4s} {op:10s} {name:30s} {dname} {bits}b  compiled {ms:9.3f} ms  "
+                        f"reference {ref_ms:9.3f} ms  x{r['speedup']:6.2f}  {gbps:7.2f} GB/s  "
+                        f"({r['frac_copy']:.2f} of copy)",
+                        flush=True,
+                    )
+    return {
+        "device": device_name(device),
+        "device_type": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads() if device == "cpu" else None,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before_after": None,
+        "kernels": _extension.status(),
+        "rows": rows,
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs of the compiled kernel (median)")
+    parser.add_argument("--ref-repeats", type=int, default=5, help="timed runs of the reference (median)")
+    parser.add_argument("--stochastic", action="store_true", help="time stochastic rounding instead of nearest")
+    parser.add_argument("--quick", action="store_true", help="3 runs each, first two shapes only")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "tools" / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = args.ref_repeats = 3
+        del SHAPES[2:]
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            print("bench_kernels: CUDA is not available", file=sys.stderr)
+            return 1
+        devices.remove("cuda")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for device in devices:
+        load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+        result = bench_device(device, args.bits, args.repeats, args.ref_repeats, args.stochastic)
+        result["loadavg_before_after"] = [load_before, os.getloadavg() if load_before else None]
+        result["commit"] = _git_commit()
+        result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+        speedups = [r["speedup"] for r in result["rows"]]
+        result["summary"] = {
+            "speedup_min": min(speedups),
+            "speedup_median": statistics.median(speedups),
+            "speedup_max": max(speedups),
+        }
+        suffix = "-stochastic" if args.stochastic else ""
+        out = args.out_dir / f"kernels-{result['device']}{suffix}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        s = result["summary"]
+        print(
+            f"{device}: compiled vs reference speed-up min x{s['speedup_min']} median x{s['speedup_median']} "
+            f"max x{s['speedup_max']} -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
