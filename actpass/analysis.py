@@ -231,6 +231,53 @@ def _attention_context(root: fx.Node, shape) -> bool:
 _CONV_HINTS = ("convolution", "batch_norm", "group_norm", "pool", "upsample")
 
 
+_MASK_PRODUCERS = {
+    aten.where.self,
+    aten.where.ScalarOther,
+    aten.where.ScalarSelf,
+    aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor,
+    aten.full.default,
+    aten.scalar_tensor.default,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+}
+_HUGE = 1e30
+
+
+def _huge_constant(args) -> bool:
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            if _huge_constant(a):
+                return True
+        elif isinstance(a, (int, float)) and not isinstance(a, bool) and (math.isinf(a) or abs(a) >= _HUGE):
+            return True
+        elif isinstance(a, fx.Node) and a.op == "call_function" and a.target in (
+            aten.full.default,
+            aten.scalar_tensor.default,
+            aten.lift_fresh_copy.default,
+        ):
+            if _huge_constant(a.args):
+                return True
+    return False
+
+
+def _is_mask(root: fx.Node, grp: _Group) -> bool:
+    """An additive attention mask: consumed as sdpa's ``attn_mask``, or built from ±inf / huge constants.
+
+    Affine integer codes cannot hold ``-inf`` or ``finfo.min`` next to 0: the group's step becomes infinite or ~1e36,
+    and the dequantized mask turns into NaN or garbage (measured: HF Llama with sdpa trained to NaN at step 2).
+    """
+    for n in (root, *grp.members):
+        for u in n.users:
+            name = producer_name(u)
+            if "attention" in name and (
+                (len(u.args) > 3 and u.args[3] is n) or u.kwargs.get("attn_mask") is n or u.kwargs.get("attn_bias") is n
+            ):
+                return True
+    return root.target in _MASK_PRODUCERS and _huge_constant(root.args)
+
+
 def _matches(patterns: tuple[str, ...], value: str) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
@@ -371,6 +418,8 @@ def _decide(
         return kept(Reason.TOO_SMALL, f"{nbytes} B < min_bytes={config.min_bytes}")
     if not is_dense(val):
         return kept(Reason.ALIAS, "storage root is a broadcast or overlapping view")
+    if _is_mask(root, grp):
+        return kept(Reason.POLICY, "attention mask (±inf or huge constants): kept exact, codes cannot hold them")
     for m in grp.members:
         if m is root:
             continue

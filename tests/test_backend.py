@@ -362,3 +362,30 @@ def test_bad_option_names_the_value():
     m = nn.Linear(4, 4)
     with pytest.raises(Exception, match="bits must be one of .* got 3"):
         torch.compile(m, backend="mesa", options={"bits": 3})(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), "finfo.min"])
+def test_additive_attention_mask_is_kept_exact(fill):
+    """Regression: HF Llama (sdpa) passes a float causal mask of 0 / -inf (or finfo.min); quantizing it gave NaN."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(64, 192)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 4, 16).permute(2, 0, 3, 1, 4)
+            keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            value = torch.finfo(x.dtype).min if fill == "finfo.min" else fill
+            mask = torch.zeros(b, 1, n, n, device=x.device).masked_fill(~keep, value)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    model = Masked()
+    be = actpass.mesa(inner="eager", min_bytes=0)
+    *_, g, g_ref = compare(model, torch.randn(4, 32, 64), be)
+    assert all(torch.isfinite(v).all() for v in g.values())
+    assert rel_err(g, g_ref) < 0.01
+    masks = [t for t in be.plans[0].tensors if "attention mask" in t.detail]
+    assert masks and all(not t.quantized for t in masks)
