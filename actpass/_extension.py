@@ -151,13 +151,18 @@ def _load_jit() -> str:
 
 
 def _describe(e: BaseException) -> str:
-    """One line for an exception: its first line, plus the first compiler ``error:`` line of a build log."""
+    """One line for an exception. For a failed build: the first line of the log that says what went wrong (compiler
+    ``error:``, ``not found``...), not the long command lines; the full log is in torch's extensions directory."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
-    first_error = next((ln for ln in lines[1:] if "error:" in ln.lower()), None)
-    if first_error:
-        text += f" ... {first_error}"
-    return text[:400]
+    head = lines[0] if lines else ""
+    if ": [1/" in head:  # "Error building extension 'x': [1/2] c++ ... (the command)"
+        head = head.split(": [1/", 1)[0]
+    text = f"{type(e).__name__}: {head[:160]}"
+    markers = ("error:", "error ", "not found", "no such file", "cannot", "undefined")
+    culprit = next((ln for ln in lines[1:] if any(m in ln.lower() for m in markers) and len(ln) < 300), None)
+    if culprit:
+        text += f": {culprit[:200]}"
+    return text
 
 
 def _attempt() -> None:

@@ -7,7 +7,9 @@
 // Stochastic rounding draws u ~ U[0, 1) for element i from Philox4x32-10 keyed by a 64-bit seed taken from the
 // default CPU generator (so torch.manual_seed reproduces it), with subsequence i / 4 and lane i % 4: the draws do
 // not depend on the thread count or on how the work is split.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/PhiloxRNGEngine.h>

@@ -11,7 +11,9 @@
 // Stochastic rounding: u for element i is lane i % 4 of Philox4x32-10 with the CUDA generator's seed,
 // subsequence i / 4 and the generator's offset; every call advances the offset by 4. torch.manual_seed therefore
 // reproduces the codes, and they do not depend on the launch configuration.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <ATen/core/PhiloxRNGEngine.h>
