@@ -1,0 +1,259 @@
+"""The inspect report from hand-built plans: reconciliation, JSON schema, table, markdown and plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+
+from actpass.config import MesaConfig
+from actpass.measure import SavedBytes, StorageRecord
+from actpass.plan import Decision, GraphPlan, Layout, Reason, SavedTensor
+from actpass.report import (
+    SCHEMA_VERSION,
+    TENSOR_KEYS,
+    PlotUnavailable,
+    Report,
+    human_bytes,
+    module_bars,
+    plot,
+    reconcile,
+    render_json,
+    render_markdown,
+    render_table,
+    to_json,
+)
+
+
+def _t(index: int, shape: tuple, before: int, after: int | None = None, **kw) -> SavedTensor:
+    quantized = after is not None and after != before
+    fields = dict(
+        index=index,
+        name=f"n{index}",
+        tensor_id=f"{kw.get('module_path', 'm')}:op#{index}",
+        producer="aten.gelu.default",
+        module_path="blocks.0.mlp",
+        source="model.py:3",
+        shape=shape,
+        dtype="torch.float32",
+        layout=Layout.CHANNEL_LAST,
+        heads=None,
+        decision=Decision.QUANTIZED if quantized else Decision.KEPT,
+        reason=Reason.QUANTIZED if quantized else Reason.TOO_SMALL,
+        detail="8-bit" if quantized else "under min_bytes",
+        bytes_before=before,
+        bytes_after=after if after is not None else before,
+        bits=8 if quantized else None,
+    )
+    fields.update(kw)
+    return SavedTensor(**fields)
+
+
+def _plan() -> GraphPlan:
+    return GraphPlan(
+        graph_id=0,
+        name="graph 0",
+        tensors=(
+            _t(0, (8, 64), 2048, reason=Reason.PARAM_OR_INPUT, producer="input", module_path=""),
+            _t(1, (8, 256), 8192, 2560),
+            _t(2, (2, 4, 8, 8), 2048, 640, layout=Layout.PER_HEAD, heads=4, module_path="blocks.0.attn"),
+            _t(3, (8, 4), 128),
+        ),
+    )
+
+
+def _rec(shape: tuple, dtype: str, nbytes: int, graph: int | None = 0, **kw) -> StorageRecord:
+    return StorageRecord(
+        shape=shape,
+        dtype=dtype,
+        nbytes=nbytes,
+        tensor_nbytes=kw.pop("tensor_nbytes", nbytes),
+        saves=kw.pop("saves", 1),
+        compiled=graph is not None,
+        graph=graph,
+    )
+
+
+def _measured(backend: str, records: list[StorageRecord], plan_graphs: dict[int, int] | None = None) -> SavedBytes:
+    return SavedBytes(
+        backend=backend,
+        total=sum(r.nbytes for r in records),
+        storages=len(records),
+        saved_tensors=sum(r.saves for r in records),
+        by_dtype={},
+        excluded_bytes=2048,
+        excluded_tensors=1,
+        graphs=1,
+        seconds=0.1,
+        records=tuple(records),
+        plan_graphs=dict(plan_graphs or {0: 0}),
+    )
+
+
+BEFORE = [_rec((8, 256), "torch.float32", 8192), _rec((2, 4, 8, 8), "torch.float32", 2048), _rec((8, 4), "f", 128)]
+AFTER = [
+    _rec((8, 256), "torch.uint8", 2048),
+    _rec((256,), "torch.float32", 512),
+    _rec((2, 4, 8, 8), "torch.uint8", 512),
+    _rec((4, 16), "torch.float32", 128),
+    _rec((8, 4), "torch.float32", 128),
+]
+
+
+def _report(before=BEFORE, after=AFTER) -> Report:
+    return Report.build(
+        [_plan()],
+        MesaConfig(),
+        measured_before=_measured("inductor", before),
+        measured_after=_measured("mesa", after),
+        model_path="model.py",
+        model={"parameters": 10},
+    )
+
+
+def test_plan_totals_match_hand_count() -> None:
+    r = _report()
+    assert (r.saved_bytes_before, r.saved_bytes_after) == (8192 + 2048 + 128, 2560 + 640 + 128)
+    assert (r.measured_bytes_before, r.measured_bytes_after) == (10368, 3328)
+
+
+def test_agreeing_totals() -> None:
+    rec = _report().reconciliation()
+    assert rec["before"].agree and rec["after"].agree
+    assert rec["before"].difference == 0 and rec["after"].explanation == ("planned and measured agree",)
+
+
+def test_difference_is_computed_and_explained() -> None:
+    extra = _rec((32, 256), "torch.float32", 32768)
+    eager = _rec((3, 3), "torch.float32", 36, graph=None)
+    r = reconcile("before", [_plan()], _measured("inductor", [*BEFORE, extra, eager]), {0: 0})
+    assert r.difference == 32768 + 36 and not r.agree
+    text = "\n".join(r.explanation)
+    assert "measured - planned = +32,804 B" in text
+    assert "saved by code outside the compiled graphs" in text and "[3, 3] float32 36 B" in text
+    assert "match no planned tensor by size: [32, 256] float32 32,768 B" in text
+
+
+def test_activation_entering_as_graph_input_is_named() -> None:
+    # The plan leaves out graph inputs; an activation from before a graph break enters as one, and is counted.
+    r = reconcile("before", [_plan()], _measured("inductor", [*BEFORE, _rec((8, 64), "torch.float32", 2048)]))
+    assert r.difference == 2048
+    assert any("graph inputs that the plan leaves out" in line for line in r.explanation)
+
+
+def test_copy_of_a_parameter_is_named() -> None:
+    # Inductor may save a channels-last copy of a convolution weight: same values, another storage, extra memory.
+    copy = dataclasses.replace(_rec((8, 64), "torch.float32", 2048), copy=True)
+    r = reconcile("before", [_plan()], _measured("inductor", [*BEFORE, copy]))
+    assert r.difference == 2048
+    assert any("copies of parameters or inputs" in line for line in r.explanation)
+    assert not any("graph break" in line for line in r.explanation)
+
+
+def test_missing_planned_tensor_and_view_excess_are_named() -> None:
+    short = [_rec((8, 256), "torch.float32", 16384, tensor_nbytes=8192), _rec((8, 4), "torch.float32", 128)]
+    text = "\n".join(reconcile("before", [_plan()], _measured("inductor", short)).explanation)
+    assert "planned tensor(s) (2,048 B) match no measured storage" in text and "blocks.0.attn" not in text.split(":")[0]
+    assert "+8,192 B on storages matched to planned tensors: the measurement counts whole storages" in text
+
+
+def test_quantized_remainder_is_compared_in_total() -> None:
+    r = reconcile("after", [_plan()], _measured("mesa", [*AFTER, _rec((9,), "torch.float32", 64)]))
+    assert r.difference == 64
+    assert any("quantized tensors plan 3,200 B" in line and "hold 3,264 B" in line for line in r.explanation)
+
+
+def test_not_measured() -> None:
+    r = Report.build([_plan()], MesaConfig(), measured_before=None, measured_after=_measured("mesa", AFTER))
+    d = to_json(r)
+    assert d["totals"]["measured_bytes_before"] is None and d["totals"]["measured_ratio"] is None
+    assert d["baseline_backend"] is None and d["reconciliation"]["before"]["agree"] is None
+
+
+def test_json_schema_v1() -> None:
+    d = json.loads(render_json(_report()))
+    assert d["schema_version"] == SCHEMA_VERSION == 1
+    assert set(d) == {
+        "schema_version",
+        "versions",
+        "model",
+        "config",
+        "baseline_backend",
+        "totals",
+        "reconciliation",
+        "measured",
+        "graphs",
+        "modules",
+    }
+    t = d["totals"]
+    assert t["saved_bytes_before"] == 10368 and t["saved_bytes_after"] == 3328
+    assert t["measured_bytes_before"] == 10368 and t["measured_bytes_after"] == 3328
+    assert t["ratio"] == pytest.approx(3328 / 10368) and t["graphs"] == 1
+    assert t["saved_tensors"] == 4 and t["quantized_tensors"] == 2
+    (g,) = d["graphs"]
+    assert list(g["tensors"][0]) == list(TENSOR_KEYS)
+    attn = g["tensors"][2]
+    assert attn["layout"] == "per-head" and attn["heads"] == 4 and attn["shape"] == [2, 4, 8, 8]
+    assert g["tensors"][0]["counted"] is False and g["tensors"][0]["reason"] == "parameter or input"
+    assert d["config"] == MesaConfig().to_dict() and d["model"] == {"path": "model.py", "parameters": 10}
+    assert {m["module_path"] for m in d["modules"]} == {"blocks.0.mlp", "blocks.0.attn"}
+    assert d["reconciliation"]["after"] == {
+        "planned": 3328,
+        "measured": 3328,
+        "difference": 0,
+        "agree": True,
+        "explanation": ["planned and measured agree"],
+    }
+    assert d["measured"]["before"]["total"] == 10368 and d["measured"]["after"]["backend"] == "mesa"
+
+
+def test_symbolic_shapes_serialize_as_strings() -> None:
+    p = GraphPlan(0, "graph 0", (_t(0, ("s0", 64), 2048),))
+    d = to_json(Report.build([p], MesaConfig(), measured_before=None, measured_after=None))
+    assert d["graphs"][0]["tensors"][0]["shape"] == ["s0", 64]
+
+
+def test_table_and_markdown() -> None:
+    table = render_table(_report())
+    assert "graph 0: 4 saved tensors, 2 quantized" in table
+    assert "per-head H=4" in table and "blocks.0.attn" in table and "8-bit" in table
+    assert "10,368 B" in table and "3,328 B" in table and "before: agree" in table
+    md = render_markdown(_report(after=[*AFTER, _rec((1,), "torch.float32", 4)]))
+    assert md.startswith("### actpass inspect `model.py`")
+    assert "| planned | 10,368 B" in md and "<details>" in md and "**differ**" in md and "+4 B" in md
+    odd = GraphPlan(0, "graph 0", (_t(0, (4,), 16, module_path="a|b"),))
+    md = render_markdown(Report.build([odd], MesaConfig(), measured_before=None, measured_after=None))
+    assert "| a\\|b |" in md
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 2**20, -2048)] == [
+        "0 B",
+        "1023 B",
+        "1.5 KiB",
+        "5.0 MiB",
+        "-2.0 KiB",
+    ]
+
+
+def test_module_bars_group_deep_paths() -> None:
+    tensors = tuple(_t(i, (4,), 100, 50, module_path=f"blocks.{i}.mlp.fc") for i in range(40))
+    r = Report.build([GraphPlan(0, "graph 0", tensors)], MesaConfig(), measured_before=None, measured_after=None)
+    bars = module_bars(r, max_bars=32)
+    assert bars == [("blocks", 4000, 2000)]
+    assert len(module_bars(r, max_bars=64)) == 40
+
+
+def test_plot_writes_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bars.png"
+    plot(_report(), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(PlotUnavailable, match=r"pip install 'actpass\[plot\]'"):
+        plot(_report(), tmp_path / "x.png")
