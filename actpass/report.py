@@ -665,7 +665,7 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
     rb = ratio(report.saved_bytes_after, report.saved_bytes_before)
     ax.set_title(
         f"{os.path.basename(report.model_path)}: {human_bytes(report.saved_bytes_before)} -> "
-        f"{human_bytes(report.saved_bytes_after)}" + (f" ({rb:.2f}x)" if rb is not None else "")
+        f"{human_bytes(report.saved_bytes_after)}" + (f" (after/before {rb:.2f})" if rb is not None else "")
     )
     ax.legend(loc="lower right")
     fig.tight_layout()

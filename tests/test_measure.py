@@ -147,6 +147,14 @@ def test_default_loss_finds_the_first_float_tensor() -> None:
         default_loss((torch.ones(1, dtype=torch.long),))
 
 
+def test_default_loss_on_a_hugging_face_model_output() -> None:
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    logits = torch.full((2, 3), 2.0)
+    out = outputs.CausalLMOutputWithPast(loss=None, logits=logits, hidden_states=(torch.zeros(1),))
+    assert default_loss(out) == 4.0
+    assert default_loss(outputs.MaskedLMOutput(logits=logits)) == 4.0
+
+
 @pytest.mark.parametrize(
     ("fixture", "attr", "message"),
     [
