@@ -468,7 +468,11 @@ def _decide(
         layout = Layout.OTHER
         gend, groups = 0, 1
     elif isinstance(shape[-1], int):
-        gend, groups = len(shape), shape[-1]  # per channel: see NOTE in README "Grouping" for the measured error
+        # NOTE: one group per channel. Global gradient error vs eager, 8-bit / 4-bit, per channel vs per row (CPU,
+        # examples' module-level models, inner="eager"): vit 0.98/19.7% vs 0.72/12.2%; gpt 0.73/12.7% vs 0.76/13.1%;
+        # hf_llama 0.67/13.4% vs 0.75/14.0%. Per channel wins on 2 of 3, and trained transformers have outlier
+        # channels (LLM.int8, Dettmers et al. 2022) that would set every per-row range.
+        gend, groups = len(shape), shape[-1]
     else:
         gend, groups = len(shape) - 1, -1  # channel count is symbolic: fall back to per-row statistics
     if running and (not isinstance(groups, int) or groups == -1):
