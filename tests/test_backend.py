@@ -389,3 +389,28 @@ def test_additive_attention_mask_is_kept_exact(fill):
     assert rel_err(g, g_ref) < 0.01
     masks = [t for t in be.plans[0].tensors if "attention mask" in t.detail]
     assert masks and all(not t.quantized for t in masks)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested regions")
+def test_nested_compile_region_trains_correctly():
+    """invoke_subgraph regions: bodies are partitioned too (with joint_inputs=[]); gradients must stay right."""
+
+    @torch.compiler.nested_compile_region
+    def run(block, x):
+        return block(x)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(64, 4), Block(64, 4)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = run(b, x)
+            return x
+
+    torch.manual_seed(0)
+    be = actpass.mesa(inner="eager")
+    *_, g, g_ref = compare(Stack(), torch.randn(2, 17, 64), be)
+    assert rel_err(g, g_ref) < 0.01
+    assert be.plans and not [s for s in be.skips if s.reason.value == "rewrite failed"]
