@@ -238,13 +238,20 @@ void write_codes(const T* x, const Layout& L, const float* glo, const float* gin
           const float lo = glo[g], inv = ginv[g];
           for (int64_t k = 0; k < n; ++k) c[k] = code_of(xf[k], lo, inv, STOCH ? ub[k] : 0.5f, levels);
         } else {
-          int64_t g = i0 % L.G;
-          for (int64_t k = 0; k < n; ++k) {
-            lob[k] = glo[g];
-            invb[k] = ginv[g];
-            g = g + 1 == L.G ? 0 : g + 1;
+          // One group per element (R == 1): groups [i0 % G, ...) are contiguous in glo/ginv unless they wrap around
+          // (e.g. channel groups, G == last: never), in which case they are gathered first.
+          const int64_t g0 = i0 % L.G;
+          const float* __restrict lo = glo + g0;
+          const float* __restrict inv = ginv + g0;
+          if (g0 + n > L.G) {
+            for (int64_t k = 0, g = g0; k < n; ++k, g = g + 1 == L.G ? 0 : g + 1) {
+              lob[k] = glo[g];
+              invb[k] = ginv[g];
+            }
+            lo = lob;
+            inv = invb;
           }
-          for (int64_t k = 0; k < n; ++k) c[k] = code_of(xf[k], lob[k], invb[k], STOCH ? ub[k] : 0.5f, levels);
+          for (int64_t k = 0; k < n; ++k) c[k] = code_of(xf[k], lo[k], inv[k], STOCH ? ub[k] : 0.5f, levels);
         }
         if constexpr (BITS != 8) pack<BITS>(cb, n, ql + c0 / (8 / BITS));
       }
@@ -269,13 +276,19 @@ void codes_kernel(const T* x, const Layout& L, const float* lo, const float* inv
 // ---------------------------------------------------------------------------------------------------------------------
 // dequantize
 
+// Codes [c0, c0 + n) of a packed line; c0 is a multiple of 8 / BITS (chunks start at multiples of kChunk).
 template <int BITS>
 inline void unpack(const uint8_t* __restrict in, int64_t c0, int64_t n, uint8_t* __restrict c) {
   constexpr int per = 8 / BITS;
   constexpr uint32_t mask = (1u << BITS) - 1;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t i = c0 + k;
-    c[k] = static_cast<uint8_t>((static_cast<uint32_t>(in[i / per]) >> ((i % per) * BITS)) & mask);
+  const uint8_t* __restrict src = in + c0 / per;
+  const int64_t full = n / per;
+  for (int64_t j = 0; j < full; ++j) {
+    const uint32_t b = src[j];
+    for (int k = 0; k < per; ++k) c[j * per + k] = static_cast<uint8_t>((b >> (k * BITS)) & mask);
+  }
+  for (int64_t k = 0; full * per + k < n; ++k) {
+    c[full * per + k] = static_cast<uint8_t>((static_cast<uint32_t>(src[full]) >> (k * BITS)) & mask);
   }
 }
 
@@ -304,14 +317,19 @@ void write_values(const uint8_t* q, const Layout& L, const float* gscale, const 
           const int64_t g = (line / L.lines_per_run) % L.G;
           const float s = gscale[g], l = glo[g];
           for (int64_t k = 0; k < n; ++k) v[k] = value_of(c[k], s, l);
-        } else {
-          int64_t g = (line * L.last + c0) % L.G;
-          for (int64_t k = 0; k < n; ++k) {
-            sb[k] = gscale[g];
-            lb[k] = glo[g];
-            g = g + 1 == L.G ? 0 : g + 1;
+        } else {  // one group per element: contiguous unless wrapping around (see write_codes)
+          const int64_t g0 = (line * L.last + c0) % L.G;
+          const float* __restrict s = gscale + g0;
+          const float* __restrict l = glo + g0;
+          if (g0 + n > L.G) {
+            for (int64_t k = 0, g = g0; k < n; ++k, g = g + 1 == L.G ? 0 : g + 1) {
+              sb[k] = gscale[g];
+              lb[k] = glo[g];
+            }
+            s = sb;
+            l = lb;
           }
-          for (int64_t k = 0; k < n; ++k) v[k] = value_of(c[k], sb[k], lb[k]);
+          for (int64_t k = 0; k < n; ++k) v[k] = value_of(c[k], s[k], l[k]);
         }
         from_float(v, n, yl + c0);
       }

@@ -33,6 +33,8 @@ CASES = [
     ((4, 9, 13), 3, 13),  # channel groups, gend = ndim
     ((4, 9, 13), 3, -1),  # one element per group
     ((5, 3, 8), 3, 24),  # channel groups over an 8-aligned last dim
+    ((6, 10), 2, 4),  # one group per element, folded: groups wrap around within a line
+    ((6, 16), 2, 12),  # the same over an 8-aligned last dim
     ((11, 17), 1, -1),  # per row
     ((37,), 0, 1),  # per tensor, 1-d
     ((3, 1, 1), 3, 1),  # 1-element runs

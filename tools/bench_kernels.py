@@ -4,7 +4,9 @@ For each device (CPU, and CUDA when available), shape, dtype and bit width it re
 compiled kernel and of ``actpass._reference``, the speed-up, and the logical bandwidth: bytes the op must move at
 least (input read once + output written) per second. A device-to-device copy (``torch.Tensor.copy_``) of the same
 input gives the bandwidth ceiling; ``frac_copy`` is the kernel's logical bandwidth as a fraction of it (quantize
-reads its input twice, so ~0.5-0.7 of copy bandwidth is the practical ceiling for it).
+reads its input twice, so ~0.5-0.7 of copy bandwidth is the practical ceiling for it). On CPU every configuration is
+run with 1 intra-op thread and with all of them (``torch.get_num_threads()``): on a shared machine the single-thread
+numbers are the stable ones. Times are medians; ``*_min`` fields keep the best run.
 
 Usage::
 
@@ -71,7 +73,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
+def time_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(median, min) wall time of ``fn`` in ms (CUDA events on CUDA)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -88,18 +91,24 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int =
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def copy_gbps(device: str, nbytes: int, repeats: int) -> float:
-    """Bandwidth of a same-device copy of ``nbytes`` (read + write counted), GB/s."""
+    """Bandwidth of a same-device copy of ``nbytes`` (read + write counted, median of ``repeats``), GB/s."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, repeats, warmup=2)
+    ms, _ = time_ms(lambda: dst.copy_(src), device, repeats, warmup=2)
     return 2 * nbytes / ms / 1e6
 
 
-def bench_device(device: str, bits_list: list[int], repeats: int, ref_repeats: int, stochastic: bool) -> dict:
+def bench_device(
+    device: str, bits_list: list[int], repeats: int, ref_repeats: int, stochastic: bool, threads: int | None
+) -> dict:
+    """One pass over SHAPES x DTYPES x bits on ``device`` (with ``threads`` intra-op threads on CPU)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads() if device == "cpu" else None
     if not _extension.load_once() or not _extension.has_kernel(device):
         raise SystemExit(f"bench_kernels: no compiled {device} kernel ({_extension.status()['reason']})")
     gen = torch.Generator().manual_seed(0)
@@ -130,8 +139,8 @@ def bench_device(device: str, bits_list: list[int], repeats: int, ref_repeats: i
                     ),
                 }
                 for op, (compiled, reference, nbytes) in timings.items():
-                    ms = median_ms(compiled, device, repeats)
-                    ref_ms = median_ms(reference, device, ref_repeats)
+                    ms, ms_min = time_ms(compiled, device, repeats)
+                    ref_ms, ref_min = time_ms(reference, device, ref_repeats)
                     gbps = nbytes / ms / 1e6
                     rows.append(
                         {
@@ -141,30 +150,34 @@ def bench_device(device: str, bits_list: list[int], repeats: int, ref_repeats: i
                             "bits": bits,
                             "stochastic": stochastic if op == "quantize" else False,
                             "compiled_ms": round(ms, 3),
+                            "compiled_ms_min": round(ms_min, 3),
                             "reference_ms": round(ref_ms, 3),
+                            "reference_ms_min": round(ref_min, 3),
                             "speedup": round(ref_ms / ms, 2),
+                            "speedup_of_min": round(ref_min / ms_min, 2),
                             "bytes": nbytes,
                             "compiled_GBps": round(gbps, 2),
+                            "compiled_GBps_best": round(nbytes / ms_min / 1e6, 2),
                             "copy_GBps": round(copy_cache[in_bytes], 2),
                             "frac_copy": round(gbps / copy_cache[in_bytes], 3),
                         }
                     )
                     r = rows[-1]
                     print(
-                        f"{device:4s} {op:10s} {name:30s} {dname} {bits}b  compiled {ms:9.3f} ms  "
-                        f"reference {ref_ms:9.3f} ms  x{r['speedup']:6.2f}  {gbps:7.2f} GB/s  "
-                        f"({r['frac_copy']:.2f} of copy)",
+                        f"{device:4s} t={threads} {op:10s} {name:30s} {dname} {bits}b  compiled {ms:8.2f} ms "
+                        f"(min {ms_min:7.2f})  reference {ref_ms:8.2f} ms  x{r['speedup']:6.2f}  "
+                        f"{gbps:6.2f} GB/s ({r['frac_copy']:.2f} of copy)",
                         flush=True,
                     )
+    speedups = [r["speedup"] for r in rows]
     return {
-        "device": device_name(device),
-        "device_type": device,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads() if device == "cpu" else None,
-        "cpu_count": os.cpu_count(),
-        "loadavg_before_after": None,
-        "kernels": _extension.status(),
+        "threads": threads,
         "rows": rows,
+        "summary": {
+            "speedup_min": min(speedups),
+            "speedup_median": statistics.median(speedups),
+            "speedup_max": max(speedups),
+        },
     }
 
 
@@ -198,24 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for device in devices:
         load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-        result = bench_device(device, args.bits, args.repeats, args.ref_repeats, args.stochastic)
-        result["loadavg_before_after"] = [load_before, os.getloadavg() if load_before else None]
-        result["commit"] = _git_commit()
-        result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-        speedups = [r["speedup"] for r in result["rows"]]
-        result["summary"] = {
-            "speedup_min": min(speedups),
-            "speedup_median": statistics.median(speedups),
-            "speedup_max": max(speedups),
+        thread_counts = sorted({1, torch.get_num_threads()}) if device == "cpu" and not args.quick else [None]
+        result = {
+            "device": device_name(device),
+            "device_type": device,
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "commit": _git_commit(),
+            "command": " ".join(["python", *sys.argv]),
+            "runs": [
+                bench_device(device, args.bits, args.repeats, args.ref_repeats, args.stochastic, t)
+                for t in thread_counts
+            ],
+            "kernels": _extension.status(),
         }
+        result["loadavg_before_after"] = [load_before, os.getloadavg() if load_before else None]
         suffix = "-stochastic" if args.stochastic else ""
         out = args.out_dir / f"kernels-{result['device']}{suffix}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
-        s = result["summary"]
-        print(
-            f"{device}: compiled vs reference speed-up min x{s['speedup_min']} median x{s['speedup_median']} "
-            f"max x{s['speedup_max']} -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
-        )
+        for run in result["runs"]:
+            s = run["summary"]
+            print(
+                f"{device} threads={run['threads']}: compiled vs reference speed-up (medians) "
+                f"min x{s['speedup_min']:.2f} median x{s['speedup_median']:.2f} max x{s['speedup_max']:.2f}"
+            )
+        print(f"wrote {out}")
     return 0
 
 
