@@ -20,7 +20,9 @@ tensor                     gend      groups     groups are
 Codes. With ``lo``/``hi`` the group's range and ``L = 2**bits - 1`` levels: ``scale = (hi - lo) / L``,
 ``inv = 1 / scale`` (0 when ``scale == 0``), ``v = (x - lo) * inv``; nearest rounding takes ``floor(v + 0.5)``,
 stochastic rounding ``floor(v + u)`` with ``u ~ U[0, 1)``; NaN codes become 0 and codes are clamped to ``[0, L]``
-(never wrapped). All arithmetic is fp32. Dequantize computes ``code * scale + lo`` in fp32 (a multiply, then an add:
+(never wrapped); finally a value strictly above ``lo`` that got code 0 gets code 1 (zero-preserving: ReLU's backward
+reads only ``saved > 0``, and its outputs have ``lo == 0``; this biases values in the lowest step upward, the only
+place stochastic rounding is not unbiased). All arithmetic is fp32. Dequantize computes ``code * scale + lo`` in fp32 (a multiply, then an add:
 no fused multiply-add, so kernels stay bit-identical), then casts to the output dtype.
 
 Packing. 8-bit codes keep ``x``'s shape. 4- and 2-bit codes are packed along the last dimension, ``8 // bits``
@@ -138,6 +140,8 @@ def codes(
     else:
         c = torch.floor(v + noise.reshape(runs.shape))
     c = torch.where(torch.isnan(c), torch.zeros_like(c), c).clamp_(0.0, levels)
+    # Zero-preserving: a value above its group's low end never gets code 0, so "x > lo" survives (ReLU masks).
+    c = torch.where((c < 1.0) & (runs > lo.view(1, g, 1)), torch.ones_like(c), c)
     return c.to(torch.uint8).reshape(x.shape)
 
 
