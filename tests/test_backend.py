@@ -13,6 +13,7 @@ import torch.nn as nn
 from _models import Block, TinyLM, grads, rel_err
 
 import actpass
+import actpass.ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass.plan import Layout, Reason
 
 Q = torch.ops.actpass.quantize_saved.default

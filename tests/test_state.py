@@ -9,6 +9,7 @@ import torch
 from _models import Block, grads, rel_err
 
 import actpass
+import actpass.ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass.state import RunningStats
 
 
