@@ -175,7 +175,7 @@ def bench_device(
         "rows": rows,
         "summary": {
             "speedup_min": min(speedups),
-            "speedup_median": statistics.median(speedups),
+            "speedup_median": round(statistics.median(speedups), 2),
             "speedup_max": max(speedups),
         },
     }
