@@ -54,6 +54,7 @@ _state: dict[str, Any] = {
     "reason": None,  # why compiled kernels are not used (None when they are)
     "attempts": [],  # one line per thing tried, with its error
     "build_seconds": None,  # time spent in the JIT build/load (None when not tried)
+    "cuda_error": None,  # why the CUDA kernels did not build while the CPU ones did (JIT only)
 }
 
 
@@ -119,35 +120,43 @@ def _load_prebuilt() -> str:
     return str(getattr(module, "__file__", "actpass._C"))
 
 
-def _load_jit() -> str:
+def _build(name: str, sources: list[Path], with_cuda: bool) -> str:
     from torch.utils import cpp_extension
 
-    sources = [_CSRC / s for s in CPU_SOURCES]
-    missing = [str(s) for s in sources if not s.is_file()]
-    if missing:
-        raise FileNotFoundError(f"kernel sources not found: {', '.join(missing)} (a non-editable install?)")
     cxx, nvcc, ld = compiler_flags()
-    cuda_reason = _cuda_build_reason()
-    if cuda_reason is None:
-        sources += [_CSRC / s for s in CUDA_SOURCES]
-    else:
-        logger.info("actpass: building CPU kernels only: %s", cuda_reason)
-    logger.info("actpass: compiling kernels from %s (one-time, cached under torch's extensions dir)", _CSRC)
+    logger.info("actpass: compiling %s from %s (one-time, cached under torch's extensions dir)", name, _CSRC)
     cpp_extension.load(
-        name=JIT_NAME,
+        name=name,
         sources=[str(s) for s in sources],
         extra_cflags=cxx,
         extra_cuda_cflags=nvcc,
         extra_ldflags=ld,
         extra_include_paths=[str(_CSRC)],
-        with_cuda=cuda_reason is None,
+        with_cuda=with_cuda,
         is_python_module=False,
         verbose=False,
     )
     try:
-        return cpp_extension._get_build_directory(JIT_NAME, False)
+        return cpp_extension._get_build_directory(name, False)
     except Exception:  # private helper: the path is only informative
         return "torch extensions dir"
+
+
+def _load_jit() -> str:
+    cpu_sources = [_CSRC / s for s in CPU_SOURCES]
+    missing = [str(s) for s in cpu_sources if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"kernel sources not found: {', '.join(missing)} (a non-editable install?)")
+    cuda_reason = _cuda_build_reason()
+    if cuda_reason is not None:
+        logger.info("actpass: building CPU kernels only: %s", cuda_reason)
+        return _build(JIT_NAME, cpu_sources, with_cuda=False)
+    try:
+        return _build(JIT_NAME, cpu_sources + [_CSRC / s for s in CUDA_SOURCES], with_cuda=True)
+    except Exception as e:
+        # Keep the CPU kernels when only the CUDA build fails (CUDA tensors then use the reference; _attempt warns).
+        _state["cuda_error"] = f"jit (CPU+CUDA): {_describe(e)}"
+        return _build(f"{JIT_NAME}_cpu", cpu_sources, with_cuda=False)
 
 
 def _describe(e: BaseException) -> str:
@@ -186,9 +195,18 @@ def _attempt() -> None:
             errors.append(f"{source}: loaded {path} but it registered no actpass kernel")
             continue
         _state.update(loaded=True, source=source, path=path, devices=devices, reason=None)
-        _state["attempts"] = errors
+        _state["attempts"] = errors + ([_state["cuda_error"]] if _state["cuda_error"] else [])
         logger.info("actpass: compiled kernels for %s loaded (%s: %s)", ", ".join(devices), source, path)
+        if _state["cuda_error"] and mode != "compiled":
+            warnings.warn(
+                f"actpass: the CUDA kernels failed to build, CUDA tensors use the PyTorch reference "
+                f"({_state['cuda_error']})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         return
+    if _state["cuda_error"]:
+        errors.append(_state["cuda_error"])
     _state["attempts"] = errors
     _state["reason"] = "; ".join(errors)
     if mode != "compiled":  # compiled: load_once raises instead
@@ -222,9 +240,10 @@ def load_once() -> bool:
                 finally:
                     _attempted = True
                     _loaded = bool(_state["loaded"])
-    if not _loaded and _state["mode"] == "compiled":
+    if _state["mode"] == "compiled" and (not _loaded or _state["cuda_error"]):
+        reason = _state["reason"] or _state["cuda_error"]
         raise RuntimeError(
-            f"actpass: compiled kernels unavailable ({_state['reason']}) and {ENV_VAR}=compiled forbids the fallback"
+            f"actpass: compiled kernels unavailable ({reason}) and {ENV_VAR}=compiled forbids the fallback"
         )
     return _loaded
 
@@ -238,6 +257,7 @@ def status() -> dict[str, Any]:
     """What was loaded, from where, and why not (a copy; ``loaded`` stays False until :func:`load_once` ran).
 
     Returns:
-        dict with keys ``attempted, mode, loaded, source, path, devices, reason, attempts, build_seconds``.
+        dict with keys ``attempted, mode, loaded, source, path, devices, reason, attempts, build_seconds,
+        cuda_error``.
     """
     return {"attempted": _attempted, **{k: (list(v) if isinstance(v, list) else v) for k, v in _state.items()}}

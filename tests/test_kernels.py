@@ -461,3 +461,35 @@ def test_gpu_bench_step_without_cuda_exits_with_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "CUDA is not available" in proc.stderr
+
+
+@pytest.mark.slow
+def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
+    """When CUDA looks available but the CUDA build fails, the CPU kernels still load and one warning says why.
+
+    Simulated on any machine: ``_cuda_build_reason`` is patched to claim CUDA, and CUDA_HOME points nowhere. The
+    CPU-only fallback build (``actpass_C_cpu``) is cached in torch's default extensions directory after the first run.
+    """
+    code = (
+        "import warnings, torch, actpass.ops\n"
+        "from actpass import _extension as e\n"
+        "e._cuda_build_reason = lambda: None\n"
+        "e._load_prebuilt = lambda: (_ for _ in ()).throw(ImportError('prebuilt module ignored by this test'))\n"
+        "import torch.utils.cpp_extension as ce\n"
+        "ce.CUDA_HOME = '/nonexistent/cuda'\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert e.load_once()\n"
+        "msgs = [str(m.message) for m in w if 'actpass' in str(m.message)]\n"
+        "assert len(msgs) == 1 and 'CUDA kernels failed to build' in msgs[0], msgs\n"
+        "st = e.status()\n"
+        "assert st['source'] == 'jit' and st['devices'] == ['cpu'] and st['cuda_error'], st\n"
+        "assert e.has_kernel('cpu') and not e.has_kernel('cuda')\n"
+        "print('OK')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
