@@ -20,9 +20,9 @@ tensor                     gend      groups     groups are
 Codes. With ``lo``/``hi`` the group's range and ``L = 2**bits - 1`` levels: ``scale = (hi - lo) / L``,
 ``inv = 1 / scale`` (0 when ``scale == 0``), ``v = (x - lo) * inv``; nearest rounding takes ``floor(v + 0.5)``,
 stochastic rounding ``floor(v + u)`` with ``u ~ U[0, 1)``; NaN codes become 0 and codes are clamped to ``[0, L]``
-(never wrapped); finally a value strictly above ``lo`` that got code 0 gets code 1 (zero-preserving: ReLU's backward
-reads only ``saved > 0``, and its outputs have ``lo == 0``; this biases values in the lowest step upward, the only
-place stochastic rounding is not unbiased). All arithmetic is fp32. Dequantize computes ``code * scale + lo`` in fp32 (a multiply, then an add:
+(never wrapped); finally, in a group whose ``lo`` is exactly 0, a value above 0 that got code 0 gets code 1
+(zero-preserving: ReLU's backward reads only ``saved > 0``, and ReLU outputs have ``lo == 0``; this biases such
+groups' lowest step upward, the only place stochastic rounding is not unbiased). All arithmetic is fp32. Dequantize computes ``code * scale + lo`` in fp32 (a multiply, then an add:
 no fused multiply-add, so kernels stay bit-identical), then casts to the output dtype.
 
 Packing. 8-bit codes keep ``x``'s shape. 4- and 2-bit codes are packed along the last dimension, ``8 // bits``
@@ -140,8 +140,9 @@ def codes(
     else:
         c = torch.floor(v + noise.reshape(runs.shape))
     c = torch.where(torch.isnan(c), torch.zeros_like(c), c).clamp_(0.0, levels)
-    # Zero-preserving: a value above its group's low end never gets code 0, so "x > lo" survives (ReLU masks).
-    c = torch.where((c < 1.0) & (runs > lo.view(1, g, 1)), torch.ones_like(c), c)
+    # Zero-preserving: where a group's low end is exactly 0, a value above it never gets code 0 (ReLU masks).
+    zero_lo = (lo == 0).view(1, g, 1)
+    c = torch.where((c < 1.0) & (runs > lo.view(1, g, 1)) & zero_lo, torch.ones_like(c), c)
     return c.to(torch.uint8).reshape(x.shape)
 
 

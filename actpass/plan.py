@@ -57,6 +57,7 @@ class SavedTensor:
     gend: int | None = None  # grouping, see _reference.py
     groups: int | None = None
     perm: tuple[int, ...] | None = None  # memory-order permutation applied before quantizing, if not contiguous
+    chunk: int = 1  # channels sharing one group (per-channel layouts); >1 views [.., C] as [rows, C/chunk, chunk]
     stats_key: str = ""  # running-statistics entry ("" for per-step statistics)
 
     @property

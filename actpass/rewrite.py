@@ -89,16 +89,22 @@ def apply_plan(
 
         # ---- forward: quantize right after the root is produced ----
         base = root.name
-        with fw.graph.inserting_after(root):
-            x = root
-            if first.perm:
+        x = root
+        if first.perm:
+            with fw.graph.inserting_after(x):
                 x = fw.graph.call_function(aten.permute.default, (root, list(first.perm)))
-                x.meta["val"] = rval.permute(first.perm)
-            key = first.stats_key
-            stochastic = config.rounding is Rounding.STOCHASTIC
-            args = (x, first.bits, first.gend, first.groups, stochastic, key, config.decay)
-            with mode:
-                fq, fs, flo = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
+            x.meta["val"] = rval.permute(first.perm)
+        if first.chunk > 1:
+            c = x.meta["val"].shape[-1]
+            with fw.graph.inserting_after(x):
+                xv = fw.graph.call_function(aten.view.default, (x, [-1, c // first.chunk, first.chunk]))
+            xv.meta["val"] = x.meta["val"].view(-1, c // first.chunk, first.chunk)
+            x = xv
+        key = first.stats_key
+        stochastic = config.rounding is Rounding.STOCHASTIC
+        args = (x, first.bits, first.gend, first.groups, stochastic, key, config.decay)
+        with mode:
+            fq, fs, flo = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
         with fw.graph.inserting_after(x):
             qnode = fw.graph.call_function(torch.ops.actpass.quantize_saved.default, args)
         qnode.meta["val"] = (fq, fs, flo)
@@ -145,12 +151,16 @@ def apply_plan(
                     x.meta["val"].shape, _contig_strides(x.meta["val"].shape), dtype=rval.dtype, device=rval.device
                 )
             y = deq
+            if first.chunk > 1:  # back from [rows, C/chunk, chunk] to the root's (memory-order) shape
+                pshape = rval.permute(first.perm).shape if first.perm else rval.shape
+                y = bw.graph.call_function(aten.view.default, (deq, [syms.emit(d, d) for d in pshape]))
+                y.meta["val"] = deq.meta["val"].view(pshape)
             if first.perm:
                 inv = [0] * len(first.perm)
                 for i, p in enumerate(first.perm):
                     inv[p] = i
-                y = bw.graph.call_function(aten.permute.default, (deq, inv))
-                y.meta["val"] = deq.meta["val"].permute(inv)
+                y = bw.graph.call_function(aten.permute.default, (y, inv))
+                y.meta["val"] = y.args[0].meta["val"].permute(inv)
             for t, m in zip(members, member_nodes, strict=True):
                 cur = y
                 for step in view_chain(m):

@@ -137,9 +137,11 @@ def _graph_structure(fw, bw, plan):
     forder = list(fw.graph.nodes)
     for q in fq:
         src = q.args[0]
-        if src.target is torch.ops.aten.permute.default:
+        while src.target in (torch.ops.aten.permute.default, torch.ops.aten.view.default) and "actpass" not in src.name:
+            if src.args[0].op == "placeholder" or src not in q.args:
+                break
             src = src.args[0]
-        assert forder.index(q) - forder.index(src) <= 2
+        assert forder.index(q) - forder.index(src) <= 3  # root, [permute], [chunk view], quantize
 
 
 def _is_replay(node, d) -> bool:
