@@ -22,7 +22,8 @@ Codes. With ``lo``/``hi`` the group's range and ``L = 2**bits - 1`` levels: ``sc
 stochastic rounding ``floor(v + u)`` with ``u ~ U[0, 1)``; NaN codes become 0 and codes are clamped to ``[0, L]``
 (never wrapped); finally, in a group whose ``lo`` is exactly 0, a value above 0 that got code 0 gets code 1
 (zero-preserving: ReLU's backward reads only ``saved > 0``, and ReLU outputs have ``lo == 0``; this biases such
-groups' lowest step upward, the only place stochastic rounding is not unbiased). All arithmetic is fp32. Dequantize computes ``code * scale + lo`` in fp32 (a multiply, then an add:
+groups' lowest step upward, the only place stochastic rounding is not unbiased). All arithmetic is fp32.
+Dequantize computes ``code * scale + lo`` in fp32 (a multiply, then an add:
 no fused multiply-add, so kernels stay bit-identical), then casts to the output dtype.
 
 Packing. 8-bit codes keep ``x``'s shape. 4- and 2-bit codes are packed along the last dimension, ``8 // bits``

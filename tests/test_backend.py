@@ -137,9 +137,8 @@ def _graph_structure(fw, bw, plan):
     forder = list(fw.graph.nodes)
     for q in fq:
         src = q.args[0]
-        while src.target in (torch.ops.aten.permute.default, torch.ops.aten.view.default) and "actpass" not in src.name:
-            if src.args[0].op == "placeholder" or src not in q.args:
-                break
+        # Walk back over the memory-order permute / channel-chunk view the pass inserts (each has one user).
+        while src.target in (torch.ops.aten.permute.default, torch.ops.aten.view.default) and len(src.users) == 1:
             src = src.args[0]
         assert forder.index(q) - forder.index(src) <= 3  # root, [permute], [chunk view], quantize
 
