@@ -516,7 +516,8 @@ def _decide(
         # hf_llama 0.67/13.4% vs 0.75/14.0%. Per channel wins on 2 of 3, and trained transformers have outlier
         # channels (LLM.int8, Dettmers et al. 2022) that would set every per-row range.
         gend, groups = len(shape), shape[-1]
-        chunk = _channel_chunk(hshape, bits)
+        # Running statistics need group counts that do not depend on batch or sequence: no sharing there.
+        chunk = 1 if running else _channel_chunk(hshape, bits)
         if chunk > 1:
             gend, groups = 2, shape[-1] // chunk  # of the view [rows, C/chunk, chunk]
     else:
