@@ -446,8 +446,10 @@ def _decide(
         return kept(Reason.PARAM_OR_INPUT, f"{'view of ' if root not in grp.members else ''}graph input {root.name}")
     if not isinstance(val, torch.Tensor):
         return kept(Reason.UNSUPPORTED, "storage root has no tensor metadata")
-    if root in user_roots:
-        return kept(Reason.USER_OUTPUT, "its storage is returned to the user and stays alive anyway")
+    if root in user_roots and not config.quantize_outputs:
+        return kept(
+            Reason.USER_OUTPUT, "returned to the caller, alive anyway if kept (quantize_outputs=True if it is dropped)"
+        )
     if not val.dtype.is_floating_point and not val.dtype.is_complex:
         return kept(Reason.NOT_FLOAT, f"{val.dtype} is stored exactly")
     if val.dtype not in _FLOAT_DTYPES:

@@ -63,6 +63,8 @@ class MesaConfig:
     exclude_ops: tuple[str, ...] = ()  # producer op globs that stay exact, e.g. "_log_softmax"
     overrides: tuple[tuple[str, int], ...] = ()  # (glob on "module:op#k" id, bits or 0 for exact), first match wins
     inner: Inner = Inner.INDUCTOR  # compiler for the rewritten graphs
+    quantize_outputs: bool = False  # also quantize saved tensors returned to the caller (LM logits): saves memory
+    # only if the caller drops the output before backward (e.g. keeps just `.loss`); otherwise it adds a copy
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -76,6 +78,8 @@ class MesaConfig:
         set_(self, "decay", float(self.decay))
         if isinstance(self.min_bytes, bool) or not isinstance(self.min_bytes, int) or self.min_bytes < 0:
             raise ValueError(f"actpass: min_bytes must be a non-negative integer, got {self.min_bytes!r}")
+        if not isinstance(self.quantize_outputs, bool):
+            raise ValueError(f"actpass: quantize_outputs must be true or false, got {self.quantize_outputs!r}")
         for name in ("include", "exclude", "include_ops", "exclude_ops"):
             set_(self, name, _as_tuple(name, getattr(self, name)))
         set_(self, "overrides", _overrides(self.overrides))

@@ -416,3 +416,32 @@ def test_nested_compile_region_trains_correctly():
     *_, g, g_ref = compare(Stack(), torch.randn(2, 17, 64), be)
     assert rel_err(g, g_ref) < 0.01
     assert be.plans and not [s for s in be.skips if s.reason.value == "rewrite failed"]
+
+
+def test_quantize_outputs_opt_in_stores_returned_activation_as_codes():
+    class ReturnsLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(64, 64), nn.Linear(64, 512)
+
+        def forward(self, x, y):
+            logits = self.head(torch.relu(self.body(x)))
+            return logits, logits.pow(2).mean() + 0 * y.sum()  # pow saves its input: the returned logits
+
+    torch.manual_seed(0)
+    model = ReturnsLogits()
+    x, y = torch.randn(4, 32, 64), torch.randint(0, 512, (4, 32))
+    ref = copy.deepcopy(model)
+    ref(x, y)[1].backward()
+    for flag in (False, True):
+        torch._dynamo.reset()
+        m = copy.deepcopy(ref)
+        for p in m.parameters():
+            p.grad = None
+        be = actpass.mesa(inner="eager", quantize_outputs=flag)
+        logits, loss = torch.compile(m, backend=be)(x, y)
+        loss.backward()
+        reasons = {t.reason for t in be.plans[0].tensors}
+        assert (Reason.USER_OUTPUT in reasons) is not flag
+        assert rel_err(grads(m), grads(ref)) < 0.01
+        torch.testing.assert_close(logits, ref(x, y)[0])  # the returned logits stay exact either way
