@@ -13,6 +13,7 @@ from the dequantized root by the same view ops.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -382,11 +383,12 @@ def plan_graph(
                 shared.update(bytes_before=0, bytes_after=0, detail=f"shares storage with {first.name}")
                 records[m.name] = SavedTensor(**common, **shared)
 
-    tensors = tuple(_with_index(records[n.name], i) for i, n in enumerate(saved))
-    _ = store_name, key_prefix  # keys are finalised below
+    tensors = tuple(dataclasses.replace(records[n.name], index=i) for i, n in enumerate(saved))
     if config.stats is Stats.RUNNING:
         tensors = tuple(
-            _with_key(t, f"{store_name}/{key_prefix}{t.tensor_id}") if t.quantized and t.bytes_after else t
+            dataclasses.replace(t, stats_key=f"{store_name}/{key_prefix}{t.tensor_id}")
+            if t.quantized and t.bytes_after
+            else t
             for t in tensors
         )
     return GraphPlan(graph_id=graph_id, name=name or f"graph {graph_id}", tensors=tensors)
@@ -400,18 +402,6 @@ def _flat_args(args) -> list:
         else:
             out.append(a)
     return out
-
-
-def _with_index(t: SavedTensor, i: int) -> SavedTensor:
-    import dataclasses
-
-    return dataclasses.replace(t, index=i)
-
-
-def _with_key(t: SavedTensor, key: str) -> SavedTensor:
-    import dataclasses
-
-    return dataclasses.replace(t, stats_key=key)
 
 
 def _storage_bytes(val: torch.Tensor) -> int:

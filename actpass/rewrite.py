@@ -147,9 +147,7 @@ def apply_plan(
                 (new_ph[0], new_ph[1], new_ph[2], first.bits, first.gend, last_arg, rval.dtype),
             )
             with mode:
-                deq.meta["val"] = torch.empty_strided(
-                    x.meta["val"].shape, _contig_strides(x.meta["val"].shape), dtype=rval.dtype, device=rval.device
-                )
+                deq.meta["val"] = torch.empty(x.meta["val"].shape, dtype=rval.dtype, device=rval.device)
             y = deq
             if first.chunk > 1:  # back from [rows, C/chunk, chunk] to the root's (memory-order) shape
                 pshape = rval.permute(first.perm).shape if first.perm else rval.shape
@@ -185,15 +183,6 @@ def apply_plan(
     bw.graph.lint()
     fw.recompile()
     bw.recompile()
-
-
-def _contig_strides(shape) -> list:
-    strides = []
-    acc = 1
-    for s in reversed(list(shape)):
-        strides.append(acc)
-        acc = acc * s
-    return list(reversed(strides))
 
 
 def _map_arg(a, syms: SymSource):
