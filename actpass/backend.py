@@ -26,9 +26,10 @@ import torch
 import torch.fx as fx
 
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
-from actpass.analysis import outer_frame, plan_graph
+from actpass.analysis import gather_facts, outer_frame
 from actpass.config import Inner, MesaConfig
 from actpass.plan import Decision, GraphPlan, Reason
+from actpass.planner import plan_graph
 from actpass.rewrite import apply_plan
 from actpass.state import RunningStats, default_store
 
@@ -146,24 +147,24 @@ class MesaBackend:
     ) -> None:
         """Plan and rewrite ``fw``/``bw`` in place; raises ``_Fallback`` after recording a failed rewrite."""
         graph_id = len(self.plans)
+        facts = gather_facts(fw, num_fwd_outputs, bw)
         plan = plan_graph(
-            fw,
-            num_fwd_outputs,
+            facts,
             self.config,
-            bw=bw,
             graph_id=graph_id,
             store_name=self.store.name,
             key_prefix=key_prefix,
+            budget_bytes=self._budget_bytes(facts),
         )
         if is_body:
             plan = _all_kept(plan, Reason.UNSUPPORTED, "inside a higher-order-op body (invoke_subgraph): kept exact")
             self._record(plan, GraphSkip(graph_id, SkipReason.HIGHER_ORDER_BODY, "saved tensors kept exact"))
             return
-        if not plan.quantized:
+        if not plan.quantized and not plan.recomputed:
             self._record(plan)
             return
         try:
-            apply_plan(fw, bw, plan, num_fwd_outputs, self.config)
+            apply_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
         except Exception as e:  # noqa: BLE001 - any failure falls back to exact storage, and says so
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
             log.warning("actpass: graph %d kept exact, rewrite failed: %s", graph_id, msg)
@@ -175,6 +176,17 @@ class MesaBackend:
         if self.keep_graphs:
             self.graphs.append((fw, bw))
         self._record(plan)
+
+    def _budget_bytes(self, facts) -> int | None:
+        """This graph's share of ``config.budget``: a fraction of its own saved bytes, or what is left of a byte count
+        after the graphs compiled before it."""
+        budget = self.config.budget
+        if budget is None:
+            return None
+        if isinstance(budget, float):
+            before = sum(f.nbytes for f in facts.storages if f.fixed is None or f.fixed[0] is not Reason.PARAM_OR_INPUT)
+            return int(budget * before)
+        return budget - sum(p.saved_bytes_after for p in self.plans)
 
     def _record(self, plan: GraphPlan, skip: GraphSkip | None = None) -> None:
         self.plans.append(plan)

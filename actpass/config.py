@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,6 +66,10 @@ class MesaConfig:
     inner: Inner = Inner.INDUCTOR  # compiler for the rewritten graphs
     quantize_outputs: bool = False  # also quantize saved tensors returned to the caller (LM logits): saves memory
     # only if the caller drops the output before backward (e.g. keeps just `.loss`); otherwise it adds a copy
+    recompute: bool = True  # rebuild cheap elementwise results (LayerNorm affine, GELU/SiLU outputs, casts of
+    # parameters) in backward from tensors stored anyway, instead of storing them
+    budget: int | float | None = None  # saved-activation budget: bytes (int >= 1), or a fraction in (0, 1) of what
+    # the baseline partition saves; the planner then picks per-tensor precision by least estimated error
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -78,6 +83,9 @@ class MesaConfig:
         set_(self, "decay", float(self.decay))
         if isinstance(self.min_bytes, bool) or not isinstance(self.min_bytes, int) or self.min_bytes < 0:
             raise ValueError(f"actpass: min_bytes must be a non-negative integer, got {self.min_bytes!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"actpass: recompute must be true or false, got {self.recompute!r}")
+        set_(self, "budget", _budget(self.budget))
         if not isinstance(self.quantize_outputs, bool):
             raise ValueError(f"actpass: quantize_outputs must be true or false, got {self.quantize_outputs!r}")
         for name in ("include", "exclude", "include_ops", "exclude_ops"):
@@ -112,6 +120,18 @@ class MesaConfig:
 
     def replace(self, **changes: Any) -> MesaConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _budget(value: Any) -> int | float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"actpass: budget must be a byte count (int >= 1) or a fraction in (0, 1), got {value!r}")
+    if isinstance(value, float) and value >= 1.0:
+        if not value.is_integer():
+            raise ValueError(f"actpass: budget {value!r}: a fraction must be in (0, 1); a byte count must be whole")
+        return int(value)
+    return value
 
 
 def _enum(kind: type[enum.Enum], name: str, value: Any) -> Any:

@@ -46,6 +46,10 @@ TENSOR_KEYS = (
     "bytes_before",
     "bytes_after",
     "counted",
+    "role",
+    "est_error",
+    "recompute",
+    "recompute_from",
 )
 
 
@@ -420,6 +424,10 @@ def _tensor_json(t: SavedTensor) -> dict[str, Any]:
         "bytes_before": t.bytes_before,
         "bytes_after": t.bytes_after,
         "counted": t.counted,
+        "role": t.role.value,
+        "est_error": t.est_error,
+        "recompute": list(t.recompute),
+        "recompute_from": list(t.recompute_from),
     }
 
 
@@ -519,7 +527,7 @@ def _config_text(config: MesaConfig) -> str:
 
 def _graph_title(report: Report, p: GraphPlan) -> str:
     title = (
-        f"{p.name}: {len(p.tensors)} saved tensors, {len(p.quantized)} quantized, "
+        f"{p.name}: {len(p.tensors)} saved tensors, {len(p.quantized)} quantized, {len(p.recomputed)} recomputed, "
         f"{human_bytes(p.saved_bytes_before)} -> {human_bytes(p.saved_bytes_after)}"
     )
     if p.graph_id in report.skips:

@@ -222,7 +222,8 @@ def _check_plans(backend: actpass.MesaBackend) -> None:
         assert plan.saved_bytes_after < plan.saved_bytes_before
         for t in plan.tensors:
             assert isinstance(t.reason, Reason) and t.detail, t
-            assert (t.reason is Reason.QUANTIZED) == t.quantized, t
+            assert t.quantized == (t.reason in (Reason.QUANTIZED, Reason.BUDGET, Reason.POLICY) and t.bits is not None)
+            assert t.recomputed == (t.reason is Reason.RECOMPUTED), t
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=KNOWN.get(n, ())) for n in CASES])
@@ -234,7 +235,10 @@ def test_matches_eager_8bit(name: str) -> None:
 def test_gpt_4bit_within_bound() -> None:
     backend, err = _run(Case(_gpt("sdpa")), bits=4)
     assert BOUND[8] / 10 < err < BOUND[4], err  # lossier than 8-bit, still bounded
-    assert all(t.bits == 4 for p in backend.plans for t in p.quantized)
+    # Every quantized tensor has the width the planner's role table gives its role at bits=4.
+    from actpass.planner import ROLE_BITS
+
+    assert all(t.bits == ROLE_BITS.get(t.role, {}).get(4, 4) for p in backend.plans for t in p.quantized)
 
 
 def test_unsupported_dtype_falls_back_per_tensor() -> None:

@@ -1,0 +1,455 @@
+"""The planner: one decision per saved storage, from the facts (``analysis``) and the policy (``MesaConfig``).
+
+For every storage a forward graph saves for backward, the planner picks one of:
+
+* **recompute**: do not store it; backward rebuilds it by replaying a short elementwise chain on tensors that are
+  stored anyway or alive anyway (a LayerNorm affine output from the normalized input and the weight, a GELU output
+  from its input, a bf16 cast of a parameter). Costs no bytes, adds no error of its own beyond its sources'.
+* **exact**: store it as it is (forced for parameters, masks, row statistics, integer tensors; chosen for roles the
+  training suite showed to be sensitive);
+* **8, 4 or 2 bits** with the statistics layout its role needs (per head for q/k/v, per row for attention
+  probabilities and LayerNorm inputs, per channel elsewhere).
+
+Two modes:
+
+* ``bits=b`` (the simple knob): every quantizable storage gets the width :data:`ROLE_BITS` gives its role for ``b``
+  (``b`` itself for most roles; wider, or exact, for roles that measured sensitive).
+* ``budget=...``: a multiple-choice knapsack over the same options, minimising the estimated gradient error (the
+  per-role sensitivities in ``sensitivity.json``, see :mod:`actpass.sensitivity`) within the byte budget. The solver
+  knows nothing of FX: it sees options (bytes, estimated error) per storage.
+
+Example:
+    >>> facts = gather_facts(fw, num_fwd_outputs, bw)  # doctest: +SKIP
+    >>> plan = plan_graph(facts, MesaConfig(bits=4))  # doctest: +SKIP
+    >>> [(t.tensor_id, t.decision.value, t.bits) for t in plan.tensors]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import math
+from collections.abc import Sequence
+
+from actpass import _reference, sensitivity
+from actpass.analysis import GraphFacts, StorageFacts, producer_name, shape_repr, source_line
+from actpass.config import MesaConfig, Stats
+from actpass.plan import Decision, GraphPlan, Layout, Reason, Role, SavedTensor
+
+log = logging.getLogger(__name__)
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met even with every storage at its smallest option."""
+
+
+# --------------------------------------------------------------------------------------------------- role policy
+
+# Statistics layout per role ("head", "row", "channel", "conv"); roles not listed use "channel".
+ROLE_LAYOUT: dict[Role, str] = {
+    Role.QKV: "head",
+    Role.PROBS: "row",
+    Role.ATTN_OUT: "head",
+    Role.NORM_INPUT: "row",
+    Role.CONV: "conv",
+}
+
+# Code width per role for each ``bits=`` setting (0 = exact). Roles not listed get the requested width.
+ROLE_BITS: dict[Role, dict[int, int]] = {
+    Role.LOG_PROBS: {8: 8, 4: 8, 2: 8},
+}
+
+_STATS_BYTES = 8  # fp32 scale and low end per group
+# NOTE: per-channel statistics cost 8 bytes per channel against `rows` code bytes per channel: 1.6% on the examples'
+# 512-row activations, which put mesa (3.697x) behind PyTorch's fp8 pass on GPT. Adjacent channels then share a group
+# until statistics are under 0.5% of the codes; at training sizes (thousands of rows) every channel keeps its own.
+_STATS_BUDGET = 0.005
+_MAX_CHUNK = 4
+_MIN_CHUNK_ROWS = 128
+# Per-row layouts: rows share a group (a block of consecutive rows) until statistics are under this share of codes.
+_ROW_STATS_BUDGET = 0.02
+_MAX_ROW_BLOCK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way to store a storage: what it costs in bytes and the error the planner expects from it."""
+
+    decision: Decision
+    bits: int | None
+    bytes: int
+    err: float  # estimated contribution to the global relative gradient error (root of its squared share)
+    layout: Layout = Layout.OTHER
+    gend: int | None = None
+    groups: int | None = None
+    chunk: int = 1
+    row_block: int = 1
+    detail: str = ""
+
+
+def _channel_chunk(rows: int, c: int, bits: int) -> int:
+    """How many adjacent channels share a group (a power of two dividing C, at most ``_MAX_CHUNK``)."""
+    if rows < _MIN_CHUNK_ROWS:
+        return 1  # small tensors: accuracy first (4-bit with 16 channels per group measured 16.6% at 34 rows)
+    code_bytes = rows * c * bits / 8
+    k = 1
+    while 2 * 4 * c / k > _STATS_BUDGET * code_bytes and k < _MAX_CHUNK and c % (2 * k) == 0:
+        k *= 2
+    while k > 1 and (k * bits) % 8:  # packed codes along the chunk must fill whole bytes
+        k *= 2
+        if c % k:
+            return 1
+    return k
+
+
+def _row_block(rows: int, n: int, bits: int) -> int:
+    """How many consecutive rows share a group in a per-row layout (a power of two dividing ``rows``)."""
+    k = 1
+    while _STATS_BYTES / (k * n * bits / 8) > _ROW_STATS_BUDGET and k < _MAX_ROW_BLOCK and rows % (2 * k) == 0:
+        k *= 2
+    return k
+
+
+def quantized_option(f: StorageFacts, bits: int, config: MesaConfig, share: float) -> Option | None:
+    """The quantized option for ``f`` at ``bits`` with its role's layout; None if it cannot be quantized."""
+    running = config.stats is Stats.RUNNING
+    ms = list(f.mshape)
+    kind = ROLE_LAYOUT.get(f.role, "channel")
+    layout, gend, groups, chunk, row_block = Layout.CHANNEL_LAST, len(ms), -1, 1, 1
+    if len(ms) == 1:
+        layout, gend, groups, kind = Layout.OTHER, 0, 1, "tensor"
+    elif kind == "head" and f.attn_layout:
+        layout = Layout.PER_HEAD
+        if f.attn_layout == "bhnd":  # per (batch, head), or per head for running statistics
+            gend, groups = 2, (f.heads if running else -1)
+        else:  # [B, N, H, D] in memory (sdpa's output): runs of D folded per head
+            gend, groups = 3, f.heads
+    elif kind == "conv" and f.perm is None and len(ms) == 4:
+        layout = Layout.OTHER  # NCHW: per (sample, channel)
+        gend, groups = 2, (ms[1] if running else -1)
+    elif kind == "row" and not running and f.perm is None and f.static:
+        layout = Layout.PER_ROW
+        if f.role is Role.PROBS:
+            row_block = _row_block(math.prod(ms[:-1]), ms[-1], bits)
+        gend, groups = len(ms) - 1, -1
+    elif f.last_static:
+        layout = Layout.PER_HEAD if f.attn_layout else Layout.CHANNEL_LAST
+        gend, groups = len(ms), ms[-1]
+        if not running and f.static:
+            chunk = _channel_chunk(math.prod(ms[:-1]), ms[-1], bits)
+            if chunk > 1:
+                gend, groups = 2, ms[-1] // chunk  # of the view [rows, C/chunk, chunk]
+        kind = "channel"
+    else:
+        gend, groups, kind = len(ms) - 1, -1, "row"  # channel count is symbolic: per-row statistics
+        layout = Layout.PER_ROW
+    if running and groups == -1:
+        return None  # running statistics need a static group count (heads/channels)
+    if chunk > 1:
+        qshape = [math.prod(ms[:-1]), ms[-1] // chunk, chunk]
+    elif row_block > 1:
+        qshape = [math.prod(ms[:-1]) // row_block, row_block * ms[-1]]
+        gend = 1
+    else:
+        qshape = ms
+    g = groups if groups != -1 else math.prod(qshape[:gend])
+    nbytes = math.prod(qshape[:-1]) * _reference.packed_last_dim(qshape[-1], bits) + _STATS_BYTES * g
+    if not (f.rebuildable_packed if bits < 8 else f.rebuildable):
+        return None
+    if (chunk > 1 or row_block > 1) and not f.static:
+        return None
+    err = sensitivity.estimate(f.role, kind, bits, share)
+    detail = f"{bits}-bit, " + {
+        "head": f"per-head statistics ({g} groups)",
+        "row": f"per-row statistics ({g} groups" + (f", {row_block} rows each)" if row_block > 1 else ")"),
+        "channel": f"per-channel statistics ({g} groups" + (f", {chunk} channels each)" if chunk > 1 else ")"),
+        "conv": f"per-(sample, channel) statistics ({g} groups)",
+        "tensor": "one group",
+    }.get(kind, kind)
+    if f.perm:
+        detail += f", in memory order {list(f.perm)}"
+    return Option(Decision.QUANTIZED, bits, nbytes, err, layout, gend, groups, chunk, row_block, detail)
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+
+
+def _matches(patterns: Sequence[str], value: str) -> bool:
+    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+def _policy(f: StorageFacts, config: MesaConfig) -> tuple[int | None, str | None]:
+    """(override bits or None, reason text if the policy keeps it exact)."""
+    for pattern, obits in config.overrides:
+        if fnmatch.fnmatchcase(f.tensor_id, pattern):
+            if obits == 0:
+                return 0, f"override {pattern!r} keeps it exact"
+            return obits, None
+    if not _matches(config.include, f.module_path) or _matches(config.exclude, f.module_path):
+        return None, f"module {f.module_path or '<top>'!r} excluded by include/exclude globs"
+    short = f.tensor_id.rsplit(":", 1)[-1].split("#")[0]
+    if (config.include_ops and not _matches(config.include_ops, short)) or _matches(config.exclude_ops, short):
+        return None, f"op {short!r} excluded by include_ops/exclude_ops"
+    return None, None
+
+
+def _kept(f: StorageFacts, reason: Reason, detail: str) -> tuple[Option, Reason]:
+    return Option(Decision.KEPT, None, f.nbytes, 0.0, detail=detail), reason
+
+
+def plan_graph(
+    facts: GraphFacts,
+    config: MesaConfig,
+    *,
+    graph_id: int = 0,
+    name: str | None = None,
+    store_name: str = "",
+    key_prefix: str = "",
+    budget_bytes: int | None = None,
+) -> GraphPlan:
+    """Decide, for every tensor the forward graph saves for backward, whether to recompute, keep or quantize it.
+
+    Args:
+        facts: :func:`actpass.analysis.gather_facts` of the graph pair.
+        config: the policy.
+        graph_id, name: where this graph sits in the backend's compile order.
+        store_name, key_prefix: running-statistics entry names (only used when ``config.stats`` is running).
+        budget_bytes: bytes this graph's saved activations must fit in (budget mode); None for ``bits=`` mode.
+
+    Returns:
+        A :class:`GraphPlan` with one :class:`SavedTensor` per saved tensor, in output order.
+
+    Raises:
+        BudgetError: ``budget_bytes`` is smaller than the smallest reachable size.
+    """
+    storages = facts.storages
+    total_numel = sum(_numel(f) for f in storages if _counted(f)) or 1
+    choice: dict[str, tuple[Option, Reason]] = {}
+    candidates: dict[str, list[Option]] = {}
+    override_bits: dict[str, int] = {}
+
+    # 1. What the facts and the policy fix.
+    for f in storages:
+        if f.fixed is not None:
+            choice[f.root] = _kept(f, *f.fixed)
+            continue
+        if f.is_output and not config.quantize_outputs:
+            choice[f.root] = _kept(
+                f, Reason.USER_OUTPUT, "returned to the caller, alive anyway if kept (quantize_outputs=True if dropped)"
+            )
+            continue
+        obits, excluded = _policy(f, config)
+        if excluded is not None:
+            choice[f.root] = _kept(f, Reason.POLICY, excluded)
+            continue
+        if f.nbytes < config.min_bytes:
+            choice[f.root] = _kept(f, Reason.TOO_SMALL, f"{f.nbytes} B < min_bytes={config.min_bytes}")
+            continue
+        if obits is not None:
+            override_bits[f.root] = obits
+
+    # 2. Recompute: in forward order, a storage whose sources are all stored (not themselves recomputed).
+    recomputed: set[str] = set()
+    if config.recompute:
+        for f in sorted(storages, key=lambda f: f.position):
+            if f.root in choice or f.root in override_bits or f.recipe is None:
+                continue
+            if any(s in recomputed for s in f.recipe.sources):
+                continue
+            recomputed.add(f.root)
+            srcs = ", ".join(_source_name(s, facts) for s in f.recipe.sources)
+            detail = f"replays {' > '.join(f.recipe.ops)} on {srcs}"
+            choice[f.root] = (Option(Decision.RECOMPUTED, None, 0, 0.0, detail=detail), Reason.RECOMPUTED)
+
+    # 3. Quantize the rest: by role in bits= mode, by the knapsack with a budget.
+    for f in storages:
+        if f.root in choice:
+            continue
+        share = _numel(f) / total_numel
+        if f.root in override_bits:
+            opt = quantized_option(f, override_bits[f.root], config, share)
+            choice[f.root] = (opt, Reason.POLICY) if opt is not None else _unsupported(f, config)
+            continue
+        if budget_bytes is None:
+            bits = ROLE_BITS.get(f.role, {}).get(config.bits, config.bits)
+            if bits == 0:
+                choice[f.root] = _kept(f, Reason.SENSITIVE, f"{f.role.value}: kept exact at bits={config.bits}")
+                continue
+            opt = quantized_option(f, bits, config, share)
+            if opt is not None and opt.bytes >= f.nbytes:
+                choice[f.root] = _kept(f, Reason.TOO_SMALL, f"codes+statistics ({opt.bytes} B) >= {f.nbytes} B")
+                continue
+            choice[f.root] = (opt, Reason.QUANTIZED) if opt is not None else _unsupported(f, config)
+        else:
+            opts = [Option(Decision.KEPT, None, f.nbytes, 0.0, detail="exact (budget)")]
+            for b in (8, 4, 2):
+                o = quantized_option(f, b, config, share)
+                if o is not None and o.bytes < f.nbytes:
+                    opts.append(o)
+            candidates[f.root] = opts
+
+    plan_budget, reachable = None, None
+    if budget_bytes is not None:
+        fixed_bytes = sum(o.bytes for r, (o, _reason) in choice.items() if _counted(_facts(facts, r)))
+        chosen, reachable = solve_budget(candidates, budget_bytes - fixed_bytes)
+        reachable += fixed_bytes
+        if chosen is None:
+            raise BudgetError(
+                f"actpass: graph {graph_id}: the budget of {budget_bytes:,} B cannot be met; the smallest reachable "
+                f"size is {reachable:,} B ({fixed_bytes:,} B must stay exact or as they are: masks, row statistics, "
+                f"outputs, policy; everything else at 2 bits or recomputed)"
+            )
+        for root, opt in chosen.items():
+            choice[root] = (opt, Reason.BUDGET if opt.decision is Decision.KEPT else Reason.QUANTIZED)
+        plan_budget = budget_bytes
+
+    return _records(facts, choice, config, graph_id, name, store_name, key_prefix, plan_budget, reachable)
+
+
+def _unsupported(f: StorageFacts, config: MesaConfig) -> tuple[Option, Reason]:
+    if config.stats is Stats.RUNNING:
+        return _kept(f, Reason.UNSUPPORTED, "running statistics need a static group count (heads/channels)")
+    return _kept(f, Reason.UNSUPPORTED, "a symbolic size backward cannot rebuild")
+
+
+def solve_budget(candidates: dict[str, list[Option]], budget: int) -> tuple[dict[str, Option] | None, int]:
+    """Least total squared error within ``budget`` bytes: greedy upgrades along each item's lower convex hull.
+
+    Every item starts at its smallest option; the upgrade with the most error removed per byte is taken while it
+    fits (a multiple-choice knapsack; on convex hulls the greedy is optimal up to the last item it cannot fit).
+
+    Returns:
+        ``(choice per item or None if even the smallest options exceed the budget, smallest reachable bytes)``.
+    """
+    hulls: dict[str, list[Option]] = {}
+    for k, opts in candidates.items():
+        pts = sorted(opts, key=lambda o: (o.bytes, o.err**2))
+        hull: list[Option] = []
+        for o in pts:
+            if hull and o.err**2 >= hull[-1].err ** 2:
+                continue  # dominated: more bytes, no less error
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                # keep the lower convex hull of (bytes, err^2)
+                if (b.err**2 - a.err**2) * (o.bytes - a.bytes) >= (o.err**2 - a.err**2) * (b.bytes - a.bytes):
+                    hull.pop()
+                else:
+                    break
+            hull.append(o)
+        hulls[k] = hull
+    pos = {k: 0 for k in hulls}
+    used = sum(h[0].bytes for h in hulls.values())
+    if used > budget:
+        return None, used
+    while True:
+        best, best_eff = None, 0.0
+        for k, h in hulls.items():
+            i = pos[k]
+            if i + 1 < len(h):
+                d_bytes = h[i + 1].bytes - h[i].bytes
+                d_err = h[i].err ** 2 - h[i + 1].err ** 2
+                if used + d_bytes <= budget:
+                    eff = d_err / max(d_bytes, 1)
+                    if best is None or eff > best_eff:
+                        best, best_eff = k, eff
+        if best is None:
+            break
+        i = pos[best]
+        used += hulls[best][i + 1].bytes - hulls[best][i].bytes
+        pos[best] = i + 1
+    return {k: hulls[k][pos[k]] for k in hulls}, sum(h[0].bytes for h in hulls.values())
+
+
+# ----------------------------------------------------------------------------------------------------- records
+
+
+def _numel(f: StorageFacts) -> int:
+    return math.prod(f.mshape) if f.mshape else 0
+
+
+def _counted(f: StorageFacts) -> bool:
+    return f.fixed is None or f.fixed[0] is not Reason.PARAM_OR_INPUT
+
+
+def _facts(facts: GraphFacts, root: str) -> StorageFacts:
+    return next(f for f in facts.storages if f.root == root)
+
+
+def _source_name(name: str, facts: GraphFacts) -> str:
+    node = facts.nodes.get(name)
+    if node is not None and node.op == "placeholder":
+        return f"input {name}"
+    for f in facts.storages:
+        if f.root == name:
+            return f.tensor_id
+    return f"input {name}" if node is not None and node.op == "placeholder" else name
+
+
+def _records(
+    facts: GraphFacts,
+    choice: dict[str, tuple[Option, Reason]],
+    config: MesaConfig,
+    graph_id: int,
+    name: str | None,
+    store_name: str,
+    key_prefix: str,
+    budget: int | None,
+    reachable: int | None,
+) -> GraphPlan:
+    by_member: dict[str, tuple[StorageFacts, int]] = {}
+    for f in facts.storages:
+        for i, m in enumerate(f.members):
+            by_member[m] = (f, i)
+    tensors = []
+    for index, mname in enumerate(facts.saved):
+        f, i = by_member[mname]
+        opt, reason = choice[f.root]
+        node = facts.nodes[mname]
+        mval = node.meta["val"]
+        root_node = facts.nodes[f.root]
+        producer = producer_name(node) if mname == f.root else f"{producer_name(node)} of {f.producer}"
+        quantized = opt.decision is Decision.QUANTIZED
+        first = i == 0
+        stats_key = ""
+        if quantized and config.stats is Stats.RUNNING:
+            stats_key = f"{store_name}/{key_prefix}{f.tensor_id}"
+        tensors.append(
+            SavedTensor(
+                index=index,
+                name=mname,
+                tensor_id=f.tensor_id,
+                producer=producer,
+                module_path=f.module_path,
+                source=source_line(node) or source_line(root_node),
+                shape=shape_repr(mval.shape),
+                dtype=str(mval.dtype),
+                layout=opt.layout,
+                heads=f.heads,
+                decision=opt.decision,
+                reason=reason,
+                detail=opt.detail if first else f"shares storage with {f.members[0]}",
+                bytes_before=f.nbytes if first else 0,
+                bytes_after=opt.bytes if first else 0,
+                bits=opt.bits,
+                gend=opt.gend,
+                groups=opt.groups,
+                perm=f.perm if quantized else None,
+                chunk=opt.chunk,
+                stats_key=stats_key,
+                role=f.role,
+                est_error=opt.err if first else 0.0,
+                recompute=f.recipe.ops if opt.decision is Decision.RECOMPUTED and f.recipe else (),
+                recompute_from=tuple(_source_name(s, facts) for s in f.recipe.sources)
+                if opt.decision is Decision.RECOMPUTED and f.recipe
+                else (),
+                row_block=opt.row_block,
+            )
+        )
+    return GraphPlan(
+        graph_id=graph_id,
+        name=name or f"graph {graph_id}",
+        tensors=tuple(tensors),
+        budget=budget,
+        min_bytes_reachable=reachable,
+    )
