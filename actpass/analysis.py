@@ -15,6 +15,7 @@ from the dequantized root by the same view ops.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import operator
@@ -429,15 +430,15 @@ def _is_row_shaped(node: fx.Node) -> bool:
     return v is not None and v.dim() >= 2 and hint(v.shape[-1]) == 1
 
 
-def _cone(root: fx.Node, limit: int = 24) -> tuple[list[fx.Node], list[fx.Node]]:
+def _cone(root: fx.Node, limit: int = 8) -> tuple[list[fx.Node], list[fx.Node]]:
     """Nodes ``root`` is computed from through replayable ops (inner, up to ``limit``), and the leaves."""
     inner: list[fx.Node] = []
     leaves: list[fx.Node] = []
     if not replayable(root):
         return [root], [a for a in _input_nodes(root) if _tensor_val(a) is not None]
-    stack, seen = [root], {root}
+    stack, seen = collections.deque([root]), {root}
     while stack:
-        n = stack.pop()
+        n = stack.popleft()  # breadth first: the nodes nearest the root decide what it is
         if n is not root and (not replayable(n) or len(inner) >= limit):
             leaves.append(n)
             continue
@@ -593,6 +594,7 @@ class StorageFacts:
     attn_layout: str  # "bhnd" ([B, H, N, *] in memory), "bnhd" (heads after tokens in memory), or ""
     is_output: bool  # the storage is (a view of) a forward output returned to the caller
     fixed: tuple[Reason, str] | None  # forced to stay exact whatever the policy, and why
+    compared: bool  # backward compares it (e.g. a ReLU output's mask): rebuilt only from exact sources
     recipe: Recipe | None  # how backward could rebuild it instead (None: it must be stored)
     static: bool  # every dim is a plain int
     last_static: bool  # the memory-innermost dim is a plain int
@@ -633,6 +635,46 @@ def _fixed(root: fx.Node, val, members: list[fx.Node]) -> tuple[Reason, str] | N
     return None
 
 
+_COMPARISONS = {
+    aten.le.Scalar, aten.le.Tensor, aten.lt.Scalar, aten.lt.Tensor, aten.ge.Scalar, aten.ge.Tensor,
+    aten.gt.Scalar, aten.gt.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor,
+    aten.sign.default, aten.threshold_backward.default,
+}  # fmt: skip
+_NONNEGATIVE = {aten.relu.default, aten.sigmoid.default, aten.exp.default, aten.abs.default}
+
+
+def _compared_in_backward(
+    root: fx.Node, members: list[fx.Node], bw_ph: dict[str, fx.Node], depth: int = 12, allow_direct: bool = True
+) -> bool:
+    """Whether backward compares a value computed from the storage (a ReLU/clamp mask), other than comparing the
+    non-negative output of a ReLU-like op with 0 directly, which zero-preserving codes keep exact (unless
+    ``allow_direct`` is False)."""
+    direct_ok = allow_direct and root.target in _NONNEGATIVE
+    frontier: list[tuple[fx.Node, bool]] = [(bw_ph[m.name], True) for m in members if m.name in bw_ph]
+    seen = {n for n, _ in frontier}
+    for _ in range(depth):
+        nxt: list[tuple[fx.Node, bool]] = []
+        for n, direct in frontier:
+            for u in n.users:
+                if u.target in _COMPARISONS:
+                    scalar_zero = all(not isinstance(a, (int, float)) or a == 0 for a in u.args[1:])
+                    if not (direct and direct_ok and scalar_zero):
+                        return True
+                    continue
+                if u in seen:
+                    continue
+                if is_view_node(u) or u.target in _COPY_OPS:
+                    seen.add(u)
+                    nxt.append((u, direct))
+                elif is_pointwise(u):
+                    seen.add(u)
+                    nxt.append((u, False))
+        frontier = nxt
+        if not frontier:
+            break
+    return False
+
+
 def _rebuildable(shape, members: list[fx.Node], root: fx.Node, syms: SymSource | None, packed: bool) -> bool:
     if syms is None:
         return True
@@ -656,6 +698,7 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
     """
     user, saved = _saved_tensor_outputs(fw, num_fwd_outputs)
     syms = SymSource(bw.graph) if bw is not None else None
+    bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")} if bw is not None else {}
     user_roots = {storage_root(n) for n in user}
     groups: dict[fx.Node, _Group] = {}
     for n in saved:
@@ -673,6 +716,13 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
         k = ordinals.setdefault((mpath, short), 0)
         ordinals[(mpath, short)] = k + 1
         fixed = _fixed(root, val, grp.members)
+        compared = bool(bw_ph) and _compared_in_backward(root, grp.members, bw_ph, allow_direct=False)
+        if fixed is None and bw_ph and _compared_in_backward(root, grp.members, bw_ph):
+            fixed = (
+                Reason.MASK_SOURCE,
+                "backward derives a mask from it by comparison (e.g. ReLU after a recomputed BatchNorm): rounding "
+                "would flip mask bits",
+            )
         role = classify(root, grp.members) if fixed is None or fixed[0] is not Reason.PARAM_OR_INPUT else Role.INPUT
         if fixed is None and role is Role.ROW_STAT:
             fixed = (Reason.ROW_STAT, "row statistic (normalization/attention): it scales whole rows of the gradient")
@@ -730,6 +780,7 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
                 attn_layout=attn_layout,
                 is_output=root in user_roots,
                 fixed=fixed,
+                compared=compared,
                 recipe=recipe,
                 static=static,
                 last_static=last_static,

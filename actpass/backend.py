@@ -29,7 +29,7 @@ from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass.analysis import gather_facts, outer_frame
 from actpass.config import Inner, MesaConfig
 from actpass.plan import Decision, GraphPlan, Reason
-from actpass.planner import plan_graph
+from actpass.planner import BudgetError, plan_graph
 from actpass.rewrite import apply_plan
 from actpass.state import RunningStats, default_store
 
@@ -148,14 +148,22 @@ class MesaBackend:
         """Plan and rewrite ``fw``/``bw`` in place; raises ``_Fallback`` after recording a failed rewrite."""
         graph_id = len(self.plans)
         facts = gather_facts(fw, num_fwd_outputs, bw)
-        plan = plan_graph(
-            facts,
-            self.config,
-            graph_id=graph_id,
-            store_name=self.store.name,
-            key_prefix=key_prefix,
-            budget_bytes=self._budget_bytes(facts),
-        )
+        budget = self._budget_bytes(facts)
+        plan_args = dict(graph_id=graph_id, store_name=self.store.name, key_prefix=key_prefix)
+        try:
+            plan = plan_graph(facts, self.config, budget_bytes=budget, **plan_args)
+        except BudgetError as e:
+            if not (isinstance(self.config.budget, int) and self.plans):
+                raise
+            # A byte budget is shared by the graphs in compile order; earlier graphs left this one too little.
+            msg = (
+                f"actpass: graph {graph_id}: the budget of {self.config.budget:,} B is exceeded: earlier graphs use "
+                f"{self.config.budget - budget:,} B and this one needs at least {e.reachable:,} B; a fraction "
+                f"(budget=0.25) holds for every graph"
+            )
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+            plan = plan_graph(facts, self.config, budget_bytes=e.reachable, **plan_args)
         if is_body:
             plan = _all_kept(plan, Reason.UNSUPPORTED, "inside a higher-order-op body (invoke_subgraph): kept exact")
             self._record(plan, GraphSkip(graph_id, SkipReason.HIGHER_ORDER_BODY, "saved tensors kept exact"))

@@ -64,8 +64,8 @@ class MesaConfig:
     exclude_ops: tuple[str, ...] = ()  # producer op globs that stay exact, e.g. "_log_softmax"
     overrides: tuple[tuple[str, int], ...] = ()  # (glob on "module:op#k" id, bits or 0 for exact), first match wins
     inner: Inner = Inner.INDUCTOR  # compiler for the rewritten graphs
-    quantize_outputs: bool = False  # also quantize saved tensors returned to the caller (LM logits): saves memory
-    # only if the caller drops the output before backward (e.g. keeps just `.loss`); otherwise it adds a copy
+    quantize_outputs: bool = True  # also quantize saved tensors returned to the caller (LM logits): saves memory
+    # when the caller drops the output before backward (keeps just `.loss`); a loop that holds it gets an extra copy
     recompute: bool = True  # rebuild cheap elementwise results (LayerNorm affine, GELU/SiLU outputs, casts of
     # parameters) in backward from tensors stored anyway, instead of storing them
     budget: int | float | None = None  # saved-activation budget: bytes (int >= 1), or a fraction in (0, 1) of what

@@ -359,3 +359,35 @@ def measure_saved_bytes(
     result = dataclasses.replace(result, seconds=time.perf_counter() - t0)
     log.info("actpass: [%s] %d bytes saved for backward in %d storages", label, result.total, result.storages)
     return result
+
+
+def peak_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before it.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` after a reset. On CPU: the profiler's allocation events
+    (``torch.profiler.profile(profile_memory=True)``), each op's ``self_cpu_memory_usage`` (not
+    ``cpu_memory_usage``, which counts a parent op and its children twice) summed in time order; the maximum of the
+    running sum.
+
+    Example:
+        >>> peak_bytes(lambda: torch.ones(1024, 1024).sum()) >= 4 * 1024 * 1024
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak

@@ -62,6 +62,7 @@ class Reason(str, enum.Enum):
     POLICY = "excluded by policy"  # include/exclude globs, op kinds or an override
     ROW_STAT = "row statistic"  # scales whole rows of the gradient; ~1/C of the activation bytes
     MASK = "attention mask"  # -inf / finfo.min next to 0: integer codes cannot hold it
+    MASK_SOURCE = "mask source"  # backward compares a value computed from it (ReLU/clamp masks): rounding flips bits
     SENSITIVE = "sensitive"  # the planner's role table keeps this kind exact (measured by training)
     BUDGET = "budget"  # the budget solver chose this precision
     UNSUPPORTED = "unsupported"  # dtype, shape or graph form the pass cannot quantize; detail says which

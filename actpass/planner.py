@@ -41,7 +41,15 @@ log = logging.getLogger(__name__)
 
 
 class BudgetError(ValueError):
-    """The budget cannot be met even with every storage at its smallest option."""
+    """The budget cannot be met even with every storage at its smallest option.
+
+    Attributes:
+        reachable: the smallest size the graph can be planned at, in bytes.
+    """
+
+    def __init__(self, message: str, reachable: int) -> None:
+        super().__init__(message)
+        self.reachable = reachable
 
 
 # --------------------------------------------------------------------------------------------------- role policy
@@ -68,7 +76,7 @@ _STATS_BUDGET = 0.005
 _MAX_CHUNK = 4
 _MIN_CHUNK_ROWS = 128
 # Per-row layouts: rows share a group (a block of consecutive rows) until statistics are under this share of codes.
-_ROW_STATS_BUDGET = 0.02
+_ROW_STATS_BUDGET = 0.03
 _MAX_ROW_BLOCK = 8
 
 
@@ -86,6 +94,7 @@ class Option:
     chunk: int = 1
     row_block: int = 1
     detail: str = ""
+    kind: str = ""  # layout kind: "head", "row", "channel", "conv", "tensor"
 
 
 def _channel_chunk(rows: int, c: int, bits: int) -> int:
@@ -111,12 +120,22 @@ def _row_block(rows: int, n: int, bits: int) -> int:
     return k
 
 
-def quantized_option(f: StorageFacts, bits: int, config: MesaConfig, share: float) -> Option | None:
-    """The quantized option for ``f`` at ``bits`` with its role's layout; None if it cannot be quantized."""
+def quantized_option(
+    f: StorageFacts, bits: int, config: MesaConfig, share: float, kind: str | None = None, row_block: int | None = None
+) -> Option | None:
+    """The quantized option for ``f`` at ``bits`` with its role's layout; None if it cannot be quantized.
+
+    Args:
+        kind: a layout other than the role's ("head", "row", "channel", "conv"), for measurements.
+        row_block: rows per group for per-row layouts, instead of the planner's choice.
+    """
     running = config.stats is Stats.RUNNING
     ms = list(f.mshape)
-    kind = ROLE_LAYOUT.get(f.role, "channel")
-    layout, gend, groups, chunk, row_block = Layout.CHANNEL_LAST, len(ms), -1, 1, 1
+    kind = kind or ROLE_LAYOUT.get(f.role, "channel")
+    if kind == "channel" and len(ms) == 4 and not f.attn_layout and f.perm is None:
+        kind = "conv"  # NCHW: the last dim is width, not channels
+    layout, gend, groups, chunk = Layout.CHANNEL_LAST, len(ms), -1, 1
+    requested_block, row_block = row_block, 1
     if len(ms) == 1:
         layout, gend, groups, kind = Layout.OTHER, 0, 1, "tensor"
     elif kind == "head" and f.attn_layout:
@@ -130,8 +149,13 @@ def quantized_option(f: StorageFacts, bits: int, config: MesaConfig, share: floa
         gend, groups = 2, (ms[1] if running else -1)
     elif kind == "row" and not running and f.perm is None and f.static:
         layout = Layout.PER_ROW
-        if f.role is Role.PROBS:
-            row_block = _row_block(math.prod(ms[:-1]), ms[-1], bits)
+        row_block = requested_block
+        if row_block is None:
+            # NOTE: rows share a group only where it measured harmless: a LayerNorm input's rows differ in scale
+            # (ViT's class token ~22x smaller: 4-row groups raised that tensor's error 0.05% -> 0.92%).
+            row_block = 1 if f.role is Role.NORM_INPUT else _row_block(math.prod(ms[:-1]), ms[-1], bits)
+        if math.prod(ms[:-1]) % row_block:
+            return None
         gend, groups = len(ms) - 1, -1
     elif f.last_static:
         layout = Layout.PER_HEAD if f.attn_layout else Layout.CHANNEL_LAST
@@ -169,7 +193,40 @@ def quantized_option(f: StorageFacts, bits: int, config: MesaConfig, share: floa
     }.get(kind, kind)
     if f.perm:
         detail += f", in memory order {list(f.perm)}"
-    return Option(Decision.QUANTIZED, bits, nbytes, err, layout, gend, groups, chunk, row_block, detail)
+    return Option(Decision.QUANTIZED, bits, nbytes, err, layout, gend, groups, chunk, row_block, detail, kind)
+
+
+def quantized_options(f: StorageFacts, bits: int, config: MesaConfig, share: float) -> list[Option]:
+    """Every statistics layout ``f`` can take at ``bits``: per row, per channel, per head, per (sample, channel)."""
+    kinds = ["row", "channel"]
+    if f.attn_layout:
+        kinds.append("head")
+    if len(f.mshape) == 4 and not f.attn_layout and f.perm is None:
+        kinds = ["conv", "row"]
+    out: list[Option] = []
+    for k in kinds:
+        o = quantized_option(f, bits, config, share, kind=k)
+        if o is not None and o.kind == k:
+            out.append(o)
+    if not out:
+        o = quantized_option(f, bits, config, share)
+        if o is not None:
+            out.append(o)
+    return out
+
+
+# NOTE: layouts differ by a few percent in bytes (statistics) and by up to 10x in error (per row vs per channel on
+# normalized activations at 4 bits: 0.42% vs 4.7% on HF GPT-2, tools/measure_sensitivity.py). In bits= mode the
+# layout with the least estimated error is taken among those within this share of the cheapest one's bytes.
+_LAYOUT_BYTES_SLACK = 1.05
+
+
+def best_option(opts: list[Option]) -> Option | None:
+    """The layout with the least estimated error among those at most ``_LAYOUT_BYTES_SLACK`` x the cheapest."""
+    if not opts:
+        return None
+    cap = min(o.bytes for o in opts) * _LAYOUT_BYTES_SLACK
+    return min((o for o in opts if o.bytes <= cap), key=lambda o: (o.err, o.bytes))
 
 
 # ------------------------------------------------------------------------------------------------------ planning
@@ -236,7 +293,7 @@ def plan_graph(
             continue
         if f.is_output and not config.quantize_outputs:
             choice[f.root] = _kept(
-                f, Reason.USER_OUTPUT, "returned to the caller, alive anyway if kept (quantize_outputs=True if dropped)"
+                f, Reason.USER_OUTPUT, "returned to the caller and kept exact (quantize_outputs=False)"
             )
             continue
         obits, excluded = _policy(f, config)
@@ -257,6 +314,8 @@ def plan_graph(
                 continue
             if any(s in recomputed for s in f.recipe.sources):
                 continue
+            if f.compared and not all(_exact_source(s, facts, choice) for s in f.recipe.sources):
+                continue  # a mask rebuilt from rounded sources would flip bits; store it (ReLU outputs keep signs)
             recomputed.add(f.root)
             srcs = ", ".join(_source_name(s, facts) for s in f.recipe.sources)
             detail = f"replays {' > '.join(f.recipe.ops)} on {srcs}"
@@ -268,7 +327,7 @@ def plan_graph(
             continue
         share = _numel(f) / total_numel
         if f.root in override_bits:
-            opt = quantized_option(f, override_bits[f.root], config, share)
+            opt = best_option(quantized_options(f, override_bits[f.root], config, share))
             choice[f.root] = (opt, Reason.POLICY) if opt is not None else _unsupported(f, config)
             continue
         if budget_bytes is None:
@@ -276,7 +335,7 @@ def plan_graph(
             if bits == 0:
                 choice[f.root] = _kept(f, Reason.SENSITIVE, f"{f.role.value}: kept exact at bits={config.bits}")
                 continue
-            opt = quantized_option(f, bits, config, share)
+            opt = best_option(quantized_options(f, bits, config, share))
             if opt is not None and opt.bytes >= f.nbytes:
                 choice[f.root] = _kept(f, Reason.TOO_SMALL, f"codes+statistics ({opt.bytes} B) >= {f.nbytes} B")
                 continue
@@ -284,9 +343,7 @@ def plan_graph(
         else:
             opts = [Option(Decision.KEPT, None, f.nbytes, 0.0, detail="exact (budget)")]
             for b in (8, 4, 2):
-                o = quantized_option(f, b, config, share)
-                if o is not None and o.bytes < f.nbytes:
-                    opts.append(o)
+                opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
             candidates[f.root] = opts
 
     plan_budget, reachable = None, None
@@ -298,13 +355,23 @@ def plan_graph(
             raise BudgetError(
                 f"actpass: graph {graph_id}: the budget of {budget_bytes:,} B cannot be met; the smallest reachable "
                 f"size is {reachable:,} B ({fixed_bytes:,} B must stay exact or as they are: masks, row statistics, "
-                f"outputs, policy; everything else at 2 bits or recomputed)"
+                f"outputs, policy; everything else at 2 bits or recomputed)",
+                reachable,
             )
         for root, opt in chosen.items():
             choice[root] = (opt, Reason.BUDGET if opt.decision is Decision.KEPT else Reason.QUANTIZED)
         plan_budget = budget_bytes
 
     return _records(facts, choice, config, graph_id, name, store_name, key_prefix, plan_budget, reachable)
+
+
+def _exact_source(name: str, facts: GraphFacts, choice: dict[str, tuple[Option, Reason]]) -> bool:
+    """Whether a recipe source reaches backward exactly: a graph input, or a storage kept exact."""
+    node = facts.nodes.get(name)
+    if node is not None and node.op == "placeholder":
+        return True
+    opt = choice.get(name)
+    return opt is not None and opt[0].decision is Decision.KEPT
 
 
 def _unsupported(f: StorageFacts, config: MesaConfig) -> tuple[Option, Reason]:

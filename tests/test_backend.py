@@ -236,7 +236,7 @@ def test_forward_outputs_equal_inductor_and_structure_is_unchanged():
     assert be.plans and be.plans[0].quantized
 
 
-def test_user_output_that_is_saved_is_kept():
+def test_user_output_that_is_saved_is_kept_with_quantize_outputs_off():
     class ReturnsHidden(nn.Module):
         def __init__(self):
             super().__init__()
@@ -246,7 +246,7 @@ def test_user_output_that_is_saved_is_kept():
             h = torch.nn.functional.gelu(self.fc1(x))  # h is returned AND saved for fc2's backward
             return self.fc2(h), h
 
-    be = actpass.mesa(inner="eager")
+    be = actpass.mesa(inner="eager", quantize_outputs=False)
     y, h = torch.compile(ReturnsHidden(), backend=be)(torch.randn(8, 32, 64))
     (y.sum() + h.sum()).backward()
     assert Reason.USER_OUTPUT in {t.reason for t in be.plans[0].tensors}
@@ -422,7 +422,7 @@ def test_nested_compile_region_trains_correctly():
     assert be.plans and not [s for s in be.skips if s.reason.value == "rewrite failed"]
 
 
-def test_quantize_outputs_opt_in_stores_returned_activation_as_codes():
+def test_quantize_outputs_stores_returned_activation_as_codes_unless_turned_off():
     class ReturnsLogits(nn.Module):
         def __init__(self):
             super().__init__()

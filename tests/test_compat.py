@@ -169,12 +169,9 @@ def _conv_stem():
 # that element's gradient: ~0.3% flipped bits is an L2 error of ~sqrt(0.003) = 5.5%. Measured 8-bit global gradient
 # error: inner="eager" 5.2% before the quantizer kept "x > lo => code >= 1" (ReLU outputs have lo == 0), 0.37% after.
 # Inductor 4.1% / 3.9% (before/after): its partitioner does not save the second ReLU's output but recomputes
-# relu(batch_norm(conv)) in backward from the *quantized* conv output, whose error flips the mask (that conv output
-# alone: 3.87%). The transformer blocks alone 0.19%: the workaround is exclude=("stem.*",).
-_RELU_MASK = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="known: Inductor recomputes a ReLU mask from a quantized conv output"
-)
-KNOWN = {"conv-stem-inductor": _RELU_MASK}
+# relu(batch_norm(conv)) in backward from the conv output, whose rounding flipped the mask (that conv output alone:
+# 3.87%). Now a storage from which backward derives a mask by comparison is kept exact (Reason.MASK_SOURCE).
+KNOWN: dict[str, Any] = {}
 
 CASES = {
     "vit-sdpa-inductor": Case(_vit("sdpa"), "inductor"),
