@@ -449,7 +449,7 @@ def _decide(
     if not is_dense(val):
         return kept(Reason.ALIAS, "storage root is a broadcast or overlapping view")
     if _is_mask(root, grp):
-        return kept(Reason.POLICY, "attention mask (±inf or huge constants): kept exact, codes cannot hold them")
+        return kept(Reason.MASK, "attention mask (±inf or huge constants): kept exact, codes cannot hold them")
     for m in grp.members:
         if m is root:
             continue
@@ -467,7 +467,7 @@ def _decide(
     # they are ~1/C of the activation bytes, so they stay exact.
     row_stat = "[" in short and not short.endswith("[0]") and _NORM_OR_ATTN.search(short)
     if (hshape[-1] == 1 and len(hshape) >= 2) or row_stat:
-        return kept(Reason.POLICY, "row statistic (normalization/attention): kept exact, it scales whole rows")
+        return kept(Reason.ROW_STATISTIC, "row statistic (normalization/attention): kept exact, it scales whole rows")
 
     bits = config.bits
     for pattern, obits in config.overrides:

@@ -31,6 +31,8 @@ class Reason(str, enum.Enum):
     TOO_SMALL = "too small"  # under min_bytes
     ALIAS = "alias"  # shares storage with another saved tensor or is a broadcast/overlapping view
     POLICY = "excluded by policy"  # include/exclude globs, op kinds or an override
+    ROW_STATISTIC = "row statistic"  # LayerNorm mean/rstd, RMSNorm rsqrt, attention logsumexp: scale whole rows
+    MASK = "attention mask"  # additive mask (0 / -inf or finfo.min): integer codes cannot hold it
     UNSUPPORTED = "unsupported"  # dtype, shape or graph form the pass cannot quantize; detail says which
 
 

@@ -196,6 +196,16 @@ def test_sdpa_qkv_views_share_one_quantized_storage():
     assert sorted(t.bytes_after > 0 for t in selects) == [False, False, True]  # counted once
 
 
+def test_row_statistics_say_so():
+    """sdpa's logsumexp and LayerNorm's statistics are kept as row statistics, not as 'excluded by policy'."""
+    be = actpass.mesa(inner="eager", min_bytes=0)
+    step(torch.compile(Block(64, 4, "sdpa"), backend=be), torch.randn(4, 33, 64))
+    tensors = be.plans[0].tensors
+    lse = [t for t in tensors if "scaled_dot_product" in t.producer and t.producer.endswith("[1]")]
+    assert lse and all(t.reason is Reason.ROW_STATISTIC for t in lse)
+    assert not [t for t in tensors if t.reason is Reason.POLICY]  # no policy was set
+
+
 def test_no_grad_and_inference_mode_pass_through():
     model = Block(64, 4)
     x = torch.randn(2, 17, 64)
@@ -390,7 +400,7 @@ def test_additive_attention_mask_is_kept_exact(fill):
     assert all(torch.isfinite(v).all() for v in g.values())
     assert rel_err(g, g_ref) < 0.01
     masks = [t for t in be.plans[0].tensors if "attention mask" in t.detail]
-    assert masks and all(not t.quantized for t in masks)
+    assert masks and all(not t.quantized and t.reason is Reason.MASK for t in masks)
 
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested regions")
