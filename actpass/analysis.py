@@ -187,6 +187,23 @@ def _op_short(producer: str) -> str:
     return base + (sep + idx if sep else "")
 
 
+# Device-specific spellings of one op, under one name in tensor ids: an override written on CPU must match on CUDA.
+# Their outputs agree where ids use them: [0] is the attention output, [1] the logsumexp.
+_OP_ID_ALIASES = {
+    "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
+    "_scaled_dot_product_flash_attention": "sdpa",
+    "_scaled_dot_product_efficient_attention": "sdpa",
+    "_scaled_dot_product_cudnn_attention": "sdpa",
+    "_scaled_dot_product_fused_attention_overrideable": "sdpa",
+}
+
+
+def op_id(short: str) -> str:
+    """The op part of a tensor id: ``_scaled_dot_product_flash_attention_for_cpu[1]`` -> ``sdpa[1]`` on any device."""
+    base, sep, idx = short.partition("[")
+    return _OP_ID_ALIASES.get(base, base) + sep + idx
+
+
 @dataclass
 class _Group:
     """Saved nodes sharing one storage root (internal to analysis and rewrite)."""
@@ -359,9 +376,10 @@ def plan_graph(
         root_val = root.meta.get("val")
         mpath = module_path(root) or module_path(grp.members[0])
         producer = producer_name(root)
-        k = ordinals.setdefault((mpath, _op_short(producer)), 0)
-        ordinals[(mpath, _op_short(producer))] = k + 1
-        tensor_id = f"{mpath}:{_op_short(producer)}#{k}"
+        op = op_id(_op_short(producer))
+        k = ordinals.setdefault((mpath, op), 0)
+        ordinals[(mpath, op)] = k + 1
+        tensor_id = f"{mpath}:{op}#{k}"
         decision = _decide(root, root_val, grp, user_roots, config, tensor_id, mpath, syms)
         first = grp.members[0]
         for i, m in enumerate(grp.members):
@@ -479,7 +497,10 @@ def _decide(
     else:
         if not _matches(config.include, mpath) or _matches(config.exclude, mpath):
             return kept(Reason.POLICY, f"module {mpath or '<top>'!r} excluded by include/exclude globs")
-        if (config.include_ops and not _matches(config.include_ops, short)) or _matches(config.exclude_ops, short):
+        ops = (short, op_id(short))  # op globs may use either name, e.g. "sdpa*" or "_scaled_dot_product*"
+        if (config.include_ops and not any(_matches(config.include_ops, o) for o in ops)) or any(
+            _matches(config.exclude_ops, o) for o in ops
+        ):
             return kept(Reason.POLICY, f"op {short!r} excluded by include_ops/exclude_ops")
 
     running = config.stats is Stats.RUNNING

@@ -206,6 +206,20 @@ def test_row_statistics_say_so():
     assert not [t for t in tensors if t.reason is Reason.POLICY]  # no policy was set
 
 
+def test_sdpa_tensor_ids_are_device_independent():
+    from actpass.analysis import op_id
+
+    for variant in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention"):
+        assert op_id(f"_scaled_dot_product_{variant}[1]") == "sdpa[1]"
+    assert op_id("addmm") == "addmm" and op_id("native_layer_norm[0]") == "native_layer_norm[0]"
+    be = actpass.mesa(inner="eager", exclude_ops=["sdpa[[]0]"])  # the id's op name works in op globs too
+    step(torch.compile(Block(64, 4, "sdpa"), backend=be), torch.randn(4, 33, 64))
+    ids = [t.tensor_id for t in be.plans[0].tensors]
+    assert "attn:sdpa[0]#0" in ids and not [i for i in ids if "_scaled_dot_product" in i]
+    out = [t for t in be.plans[0].tensors if t.tensor_id == "attn:sdpa[0]#0"]
+    assert all(not t.quantized and t.reason is Reason.POLICY for t in out)
+
+
 def test_no_grad_and_inference_mode_pass_through():
     model = Block(64, 4)
     x = torch.randn(2, 17, 64)
