@@ -61,6 +61,7 @@ class SavedTensor:
     perm: tuple[int, ...] | None = None  # memory-order permutation applied before quantizing, if not contiguous
     chunk: int = 1  # channels sharing one group (per-channel layouts); >1 views [.., C] as [rows, C/chunk, chunk]
     stats_key: str = ""  # running-statistics entry ("" for per-step statistics)
+    input_name: str = ""  # graph inputs: the parameter, buffer or model input it is, e.g. "blocks.0.fc1.weight"
 
     @property
     def quantized(self) -> bool:
