@@ -390,6 +390,57 @@ def test_bad_option_names_the_value():
         torch.compile(m, backend="mesa", options={"bits": 3})(torch.randn(2, 4))
 
 
+@pytest.mark.parametrize(("options", "needle"), [({"bit": 4}, "did you mean 'bits'?"), ({"bits": 5}, "got 5")])
+def test_bad_options_fail_with_our_line_not_backend_compiler_failed(options, needle):
+    """options= is checked at the backend's first call, before AOT tracing, and raised as our own ValueError."""
+    from actpass.backend import MesaBackend, OptionsError
+
+    calls = []
+    m = torch.compile(nn.Linear(4, 4), backend="mesa", options=options)
+    orig = MesaBackend.__call__
+    MesaBackend.__call__ = lambda self, *a: calls.append(1) or orig(self, *a)
+    try:
+        with pytest.raises(ValueError) as info:
+            m(torch.randn(2, 4))
+    finally:
+        MesaBackend.__call__ = orig
+    e = info.value
+    assert isinstance(e, OptionsError) and not isinstance(e, torch._dynamo.exc.BackendCompilerFailed)
+    assert str(e).startswith("actpass: ") and needle in str(e) and "\n" not in str(e)
+    assert "please report" not in str(e) and "TORCHDYNAMO_VERBOSE" not in str(e)
+    assert not calls  # failed before any AOT tracing (the backend object was never called)
+
+
+def test_unmatched_globs_warn_once_with_the_nearest_names():
+    torch.manual_seed(0)
+    be = actpass.mesa(inner="eager", exclude=["fc9", "attn"], exclude_ops=["gelu_*"], overrides={"fc1:adm*": 4})
+    compiled = torch.compile(Block(64, 4), backend=be)
+    x = torch.randn(4, 33, 64)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            step(compiled, x)
+    lines = [str(w.message) for w in caught if str(w.message).startswith("actpass:")]
+    assert len(lines) == 3, lines  # once each, at the second step: 'attn' matches a module and is not reported
+    assert "exclude glob 'fc9' matches no module in the compiled graphs; nearest: fc" in lines[0]
+    assert "exclude_ops glob 'gelu_*' matches no op" in lines[1]
+    assert "overrides glob 'fc1:adm*' matches no tensor id in the compiled graphs; nearest: fc1:addmm#0" in lines[2]
+    assert be.check_globs() == []  # warned already
+
+
+def test_graph_inputs_are_named_and_pass_time_is_recorded():
+    be = actpass.mesa(inner="eager")
+    step(torch.compile(Block(64, 4), backend=be), torch.randn(4, 33, 64))
+    names = {t.input_name for t in be.plans[0].tensors if not t.counted}
+    assert {"fc1.weight", "fc2.weight", "attn.qkv.weight", "x"} <= names, names
+    detail = next(t.detail for t in be.plans[0].tensors if t.input_name == "fc1.weight")
+    assert detail.startswith("parameter fc1.weight (graph input primals_")
+    (timing,) = be.timings
+    assert timing.graph_id == 0 and 0 < timing.analysis_seconds < 30 and 0 < timing.rewrite_seconds < 30
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), "finfo.min"])
 def test_additive_attention_mask_is_kept_exact(fill):
     """Regression: HF Llama (sdpa) passes a float causal mask of 0 / -inf (or finfo.min); quantizing it gave NaN."""
