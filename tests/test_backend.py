@@ -520,3 +520,33 @@ def test_quantize_outputs_opt_in_stores_returned_activation_as_codes():
         assert (Reason.USER_OUTPUT in reasons) is not flag
         assert rel_err(grads(m), grads(ref)) < 0.01
         torch.testing.assert_close(logits, ref(x, y)[0])  # the returned logits stay exact either way
+
+
+_CACHED_RUN = """
+import json, torch, actpass
+from torch._dynamo.utils import counters
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+be = actpass.mesa()
+torch.compile(m, backend=be)(torch.randn(32, 64)).pow(2).mean().backward()
+print(json.dumps({"plans": len(be.plans), "quantized": len(be.plans[0].quantized),
+                  "grad": m[0].weight.grad.double().sum().item(), "cache": dict(counters["inductor"])}))
+"""
+
+
+def test_a_second_process_hits_inductors_graph_cache_and_still_records_plans(tmp_path):
+    """The FX-graph cache serves mesa's rewritten graphs (stable key), while the partitioner, hence the plan, runs."""
+    import json
+    import os
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _CACHED_RUN], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["cache"].get("fxgraph_cache_miss", 0) >= 1 and not first["cache"].get("fxgraph_cache_hit")
+    assert second["cache"].get("fxgraph_cache_hit", 0) >= 1 and not second["cache"].get("fxgraph_cache_miss")
+    assert second["plans"] == first["plans"] == 1 and second["quantized"] == first["quantized"] > 0
+    assert second["grad"] == first["grad"]  # the cached code computes the same gradients
