@@ -149,8 +149,9 @@ class _Partitioner(_try_import_partitioner_base()):  # type: ignore[misc]
         return _sources_hash()
 
     # NOTE: Inductor's FX-graph cache key also pickles the whole inductor config, this object included. Pickled with
-    # its backend, its bytes differed in every process, so mesa graphs never hit the cache (measured, vit: 2 misses
-    # per warm run, 8.3 s warm compile against Inductor's 2.6 s). Pickled as its uuid, the key is stable.
+    # its backend, its bytes differed in every process, so mesa graphs never hit the cache. Pickled as its uuid, the
+    # key is stable. Measured (examples/vit.py, warm cache dir, 3 interleaved rounds on the shared 2-core machine at
+    # load 3-6.6): 2 misses -> 2 hits per run, warm compile median 18.1 s -> 7.7 s (faster in every round).
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         return (_PartitionerKey, (self.uuid(),))
 
@@ -207,7 +208,7 @@ class MesaBackend:
         self.on_graph: Callable[[GraphPlan], None] | None = None  # progress hook (the CLI sets it)
         self.timings: list[PassTiming] = []  # the pass's own time per graph, in compile order
         self._seen: dict[str, set[str]] = {"module": set(), "op": set(), "tensor id": set()}
-        self._warned_globs: set[tuple[str, str]] = set()
+        self._warned_globs: set[str] = set()
 
     def __repr__(self) -> str:
         return f"MesaBackend({self.config!r}, store={self.store.name!r}, graphs={len(self.plans)})"
