@@ -546,6 +546,15 @@ _REASON_WORDS = {"parameter or input": "param/input", "excluded by policy": "pol
 _DECISION_WORDS = {"kept": "exact", "recomputed": "recompute"}
 
 
+_SHORT_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "int64": "i64"}
+
+
+def short_dtype(dtype: str) -> str:
+    """``torch.float32`` -> ``f32`` (the table's dtype column; JSON keeps the full name)."""
+    d = dtype_text(dtype)
+    return _SHORT_DTYPES.get(d, d.replace("int", "i").replace("float", "f"))
+
+
 def decision_text(t: SavedTensor) -> str:
     if t.quantized and t.bits:
         return f"{t.bits}-bit"
@@ -600,7 +609,7 @@ class Column:
     cell: Callable[[_Row, bool], str]  # (row, verbose) -> text
     right: bool = False  # right-aligned (numbers)
     wide: bool = False  # only with --wide
-    shrink: bool = False  # may be cut in the middle to fit TABLE_WIDTH
+    shrink: bool = False  # may be cut (from the left) to fit TABLE_WIDTH
     optional: bool = False  # left out when empty in every row
 
 
@@ -621,7 +630,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("producer", lambda r, v: producer_text(r.first.producer), wide=True),
     Column("module", lambda r, v: r.first.module_path or "(top)", wide=True),
     Column("shape", lambda r, v: shape_text(r.first.shape)),
-    Column("dtype", lambda r, v: dtype_text(r.first.dtype), optional=True),
+    Column("dtype", lambda r, v: short_dtype(r.first.dtype), optional=True),
     Column("layout", lambda r, v: layout_text(r.first) if r.first.quantized else ""),
     Column("decision", lambda r, v: decision_text(r.first)),
     Column(
@@ -689,11 +698,14 @@ def _columns(rows: Sequence[_Row], *, wide: bool, verbose: bool, uniform_dtype: 
 
 
 def _cut(text: str, width: int) -> str:
-    """Cut ``text`` to ``width`` characters in the middle, keeping both ends (an id's module and op)."""
+    """Cut ``text`` to ``width`` characters from the left, at a dot if one fits: the end of an id (leaf module and
+    op) tells rows apart; ``bert.encoder.layer.*.attention.output.LayerNorm:mul#0`` -> ``~.output.LayerNorm:mul#0``.
+    """
     if len(text) <= width:
         return text
-    head = (width - 1) // 2
-    return text[:head] + "~" + text[len(text) - (width - 1 - head) :]
+    tail = text[len(text) - (width - 1) :]
+    dot = tail.find(".")
+    return "~" + (tail[dot:] if 0 <= dot < len(tail) - 1 else tail)
 
 
 def _grid(
@@ -705,7 +717,7 @@ def _grid(
     width: int | None = None,
     shrink: Sequence[int] = (),
 ) -> list[str]:
-    """Aligned columns; with ``width``, the ``shrink`` columns are cut (in the middle) until lines fit it."""
+    """Aligned columns; with ``width``, the ``shrink`` columns are cut (from the left) until lines fit it."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     if width is not None:
         over = len(indent) + sum(widths) + 2 * (len(widths) - 1) - width
@@ -829,7 +841,7 @@ def render_table(
         all_rows: one row per saved tensor: parameters and inputs (by name), every view, no folding.
         wide: every column (index, producer, module, source), no width limit.
         verbose: the long reason text, the pass's own time per graph, the whole reconciliation.
-        width: the most characters per line unless ``wide`` or ``verbose`` (ids are cut in the middle to fit).
+        width: the most characters per line unless ``wide`` or ``verbose`` (ids are cut from the left to fit).
 
     Returns:
         The text, ending with a newline.

@@ -348,7 +348,7 @@ def test_table_fits_120_columns_and_folds_repeated_blocks() -> None:
     # Four blocks fold into one row per kind, whose id is the glob that --override would need.
     qkv = [ln for ln in lines if ":addmm#0" in ln]
     assert len(qkv) == 1 and "x4" in qkv[0] and "144 groups" in qkv[0] and "1.5 MiB" in qkv[0]
-    assert "encoder.transformer_blocks.*" in qkv[0] or "~" in qkv[0]  # cut in the middle only if it must
+    assert "encoder.transformer_blocks.*" in qkv[0] or "~" in qkv[0]  # cut only if it must
     lse = [ln for ln in lines if "sdpa[1]#0" in ln]
     assert len(lse) == 1 and "row statistic" in lse[0] and "exact" in lse[0] and "policy" not in lse[0]
     assert "+ 2 parameters and inputs (528.0 KiB, kept: alive anyway) and 8 more views" in table
@@ -377,6 +377,15 @@ def test_table_verbose_and_wide() -> None:
     assert all(col in header for col in ("#", "producer", "module", "dtype", "source"))
     assert "encoder.transformer_blocks.*.self_attention.query_key_value:addmm#0" in wide  # never cut when wide
     assert to_json(r)["graphs"][0]["pass_seconds"] == {"analysis": 0.004, "rewrite": 0.2}
+
+
+def test_ids_are_cut_from_the_left_at_a_dot() -> None:
+    from actpass.report import _cut
+
+    long = "bert.encoder.layer.*.attention.output.LayerNorm:mul#0"
+    assert _cut(long, 60) == long
+    assert _cut(long, 28) == "~.output.LayerNorm:mul#0" and len(_cut(long, 28)) <= 28
+    assert _cut("a" * 40, 12) == "~" + "a" * 11
 
 
 def test_id_glob() -> None:
