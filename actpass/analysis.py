@@ -359,12 +359,13 @@ _RECIPE_MAX_NODES = 32
 _RECIPE_MAX_SOURCES = 8
 
 
-def find_recipe(root: fx.Node, is_source, syms: SymSource | None) -> Recipe | None:
+def find_recipe(root: fx.Node, is_source, syms: SymSource | None, free=lambda n: True) -> Recipe | None:
     """A recipe for ``root`` whose leaves are all sources (``is_source(node)``) or graph inputs, or None.
 
     Args:
         root: a saved storage root.
         is_source: whether a forward node's value is available to backward (another stored saved root).
+        free: whether a graph input may be read (parameters and model inputs: alive anyway).
         syms: where backward can read symbolic sizes; a replayed op that needs one it cannot rebuild fails the recipe.
     """
     order: list[fx.Node] = []
@@ -375,7 +376,7 @@ def find_recipe(root: fx.Node, is_source, syms: SymSource | None) -> Recipe | No
         if n in seen:
             return True
         seen.add(n)
-        if n is not root and (n.op == "placeholder" or is_source(n)):
+        if n is not root and ((n.op == "placeholder" and free(n)) or is_source(n)):
             if _tensor_val(n) is None:
                 return False
             sources.append(n)
@@ -490,6 +491,15 @@ def _is_param_vector(node: fx.Node) -> bool:
     return n.op == "placeholder" and v is not None and v.dim() == 1
 
 
+def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
+    """The role of a graph input that is an activation (no producer in this graph): from how it is used."""
+    if _feeds(root, members, lambda u, n: u.target in _ROW_NORM_OPS and u.args and u.args[0] is n, depth=2):
+        return Role.NORM_INPUT
+    if _feeds(root, members, lambda u, n: u.target in _ACT_FUNCS, depth=6):
+        return Role.ACT_INPUT
+    return Role.OTHER
+
+
 def classify(root: fx.Node, members: list[fx.Node]) -> Role:
     """What a saved storage is (see :class:`~actpass.plan.Role`), from the forward graph around its root.
 
@@ -592,7 +602,8 @@ class StorageFacts:
     nbytes: int  # storage bytes (size hints)
     heads: int | None  # H for [B, H, N, D]-like attention tensors (logical dim 1)
     attn_layout: str  # "bhnd" ([B, H, N, *] in memory), "bnhd" (heads after tokens in memory), or ""
-    is_output: bool  # the storage is (a view of) a forward output returned to the caller
+    is_output: bool  # (a view of) a forward output returned to the caller, or an activation handed over as input
+    handed_over: bool  # an activation computed before this graph, entering as a graph input (a graph break)
     fixed: tuple[Reason, str] | None  # forced to stay exact whatever the policy, and why
     compared: bool  # backward compares it (e.g. a ReLU output's mask): rebuilt only from exact sources
     recipe: Recipe | None  # how backward could rebuild it instead (None: it must be stored)
@@ -611,8 +622,8 @@ class GraphFacts:
     nodes: dict = field(default_factory=dict)  # name -> fx.Node of the forward graph (for the rewrite)
 
 
-def _fixed(root: fx.Node, val, members: list[fx.Node]) -> tuple[Reason, str] | None:
-    if root.op == "placeholder":
+def _fixed(root: fx.Node, val, members: list[fx.Node], handed: bool = False) -> tuple[Reason, str] | None:
+    if root.op == "placeholder" and not handed:
         return (Reason.PARAM_OR_INPUT, f"{'view of ' if root not in members else ''}graph input {root.name}")
     if val is None:
         return (Reason.UNSUPPORTED, "storage root has no tensor metadata")
@@ -688,13 +699,20 @@ def _rebuildable(shape, members: list[fx.Node], root: fx.Node, syms: SymSource |
     return all(not isinstance(n, (fx.Node, torch.SymInt)) or syms.can_emit(n, carried) for n in needed)
 
 
-def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | None = None) -> GraphFacts:
+def gather_facts(
+    fw: fx.GraphModule,
+    num_fwd_outputs: int,
+    bw: fx.GraphModule | None = None,
+    activation_inputs: set[str] | frozenset[str] = frozenset(),
+) -> GraphFacts:
     """The facts about every storage ``fw`` saves for backward.
 
     Args:
         fw: the partitioned forward graph (outputs: user outputs, then saved tensors, then symints).
         num_fwd_outputs: how many leading outputs are the user's.
         bw: the backward graph; with dynamic shapes it tells which symbolic sizes backward can rebuild.
+        activation_inputs: names of forward placeholders that are activations computed before this graph (handed
+            over by a graph break), not parameters or the model's inputs: saving them is saving an activation.
     """
     user, saved = _saved_tensor_outputs(fw, num_fwd_outputs)
     syms = SymSource(bw.graph) if bw is not None else None
@@ -715,7 +733,8 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
         short = tensor_op_name(producer)
         k = ordinals.setdefault((mpath, short), 0)
         ordinals[(mpath, short)] = k + 1
-        fixed = _fixed(root, val, grp.members)
+        handed = root.op == "placeholder" and root.name in activation_inputs
+        fixed = _fixed(root, val, grp.members, handed)
         compared = bool(bw_ph) and _compared_in_backward(root, grp.members, bw_ph, allow_direct=False)
         if fixed is None and bw_ph and _compared_in_backward(root, grp.members, bw_ph):
             fixed = (
@@ -723,9 +742,12 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
                 "backward derives a mask from it by comparison (e.g. ReLU after a recomputed BatchNorm): rounding "
                 "would flip mask bits",
             )
-        role = classify(root, grp.members) if fixed is None or fixed[0] is not Reason.PARAM_OR_INPUT else Role.INPUT
+        if fixed is not None and fixed[0] is Reason.PARAM_OR_INPUT:
+            role = Role.INPUT
+        else:
+            role = classify(root, grp.members) if not handed else _classify_by_use(root, grp.members)
         if fixed is None and role is Role.ROW_STAT:
-            fixed = (Reason.ROW_STAT, "row statistic (normalization/attention): it scales whole rows of the gradient")
+            fixed = (Reason.ROW_STATISTIC, "normalization/attention row statistic: it scales whole gradient rows")
         if fixed is not None and fixed[0] is Reason.MASK:
             role = Role.MASK
         if val is not None:
@@ -760,8 +782,14 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
             perm, shape, mshape, nbytes, heads, attn_layout = None, (), (), 0, None, ""
             static = last_static = rb = rbp = True
         recipe = None
-        if fixed is None:
-            recipe = find_recipe(root, lambda n, r=root: n in roots and n is not r, syms)
+        if fixed is None and not handed:
+            # A graph input is a free source (alive anyway) unless it is a handed-over activation nobody stores.
+            recipe = find_recipe(
+                root,
+                lambda n, r=root: (n in roots and n is not r),
+                syms,
+                free=lambda n: n.name not in activation_inputs,
+            )
         out.append(
             StorageFacts(
                 root=root.name,
@@ -778,7 +806,8 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
                 nbytes=nbytes,
                 heads=heads,
                 attn_layout=attn_layout,
-                is_output=root in user_roots,
+                is_output=root in user_roots or handed,
+                handed_over=handed,
                 fixed=fixed,
                 compared=compared,
                 recipe=recipe,
@@ -792,12 +821,28 @@ def gather_facts(fw: fx.GraphModule, num_fwd_outputs: int, bw: fx.GraphModule | 
     return GraphFacts(storages=tuple(out), saved=tuple(n.name for n in saved), nodes=nodes)
 
 
-def tensor_op_name(producer: str) -> str:
-    """The op part of a tensor id: ``aten.gelu.default`` -> ``gelu``, ``var_mean[1]`` -> ``var_mean.1``, and every
-    device-specific sdpa variant (``_scaled_dot_product_flash_attention_for_cpu[0]``) -> ``sdpa.0``."""
-    short = _op_short(producer)
+# Device-specific spellings of one op, under one name in tensor ids: an override written on CPU must match on CUDA.
+# Their outputs agree where ids use them: .0 is the attention output, .1 the logsumexp.
+_OP_ID_ALIASES = {
+    "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
+    "_scaled_dot_product_flash_attention": "sdpa",
+    "_scaled_dot_product_efficient_attention": "sdpa",
+    "_scaled_dot_product_cudnn_attention": "sdpa",
+    "_scaled_dot_product_fused_attention_overrideable": "sdpa",
+}
+
+
+def op_id(short: str) -> str:
+    """The op part of a tensor id from a short op name: ``gelu`` -> ``gelu``, ``var_mean[1]`` -> ``var_mean.1``, and
+    every device-specific sdpa variant (``_scaled_dot_product_flash_attention_for_cpu[0]``) -> ``sdpa.0``.
+
+    ``[k]`` would be a character class in an override glob, so multi-output ops are ``op.k`` in ids.
+    """
     base, sep, idx = short.partition("[")
-    if base.startswith("_scaled_dot_product") or base.startswith("scaled_dot_product"):
-        base = "sdpa"
-    # "[k]" would be a character class in an override glob: multi-output ops are "op.k" in ids.
+    base = _OP_ID_ALIASES.get(base, base)
     return base + (f".{idx.rstrip(']')}" if sep else "")
+
+
+def tensor_op_name(producer: str) -> str:
+    """The op part of a tensor id for a producer name: ``aten.gelu.default`` -> ``gelu`` (see :func:`op_id`)."""
+    return op_id(_op_short(producer))

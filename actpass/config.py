@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,32 +46,79 @@ def _as_tuple(name: str, value: Any) -> tuple[str, ...]:
     return items
 
 
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A :class:`MesaConfig` field with its help text, which documents it in ``MesaConfig.__doc__`` and on the CLI.
+
+    Args:
+        default: the default value (immutable).
+        help: one line for users: what the field does and its values.
+        **cli: how ``actpass inspect`` spells the flag, when the field's name and type do not say it: ``flag``
+            (default ``--field-name``), ``metavar``.
+
+    Returns:
+        A ``dataclasses.field``.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass(frozen=True)
 class MesaConfig:
     """Everything the mesa backend can be told. Defaults work for transformers with no config at all.
+
+    Validated on construction: a bad value is a ``ValueError`` that names it. Choices may be given as strings
+    (``MesaConfig(stats="running")``). ``torch.compile(model, backend="mesa", options={...})`` and the budgets
+    file's ``[model.options]`` take the same fields; every field is also an ``actpass inspect`` flag.
 
     Example:
         >>> MesaConfig(bits=4, exclude=("head",)).to_dict()["bits"]
         4
     """
 
-    bits: int = 8  # code width for saved activations: 8, 4 or 2 (4 and 2 are packed)
-    stats: Stats = Stats.DYNAMIC  # per-step ranges, or Mesa's running (EMA) ranges
-    rounding: Rounding = Rounding.NEAREST  # round-to-nearest, or stochastic rounding
-    decay: float = 0.9  # EMA decay of running ranges (Mesa uses 0.9)
-    min_bytes: int = 4096  # saved tensors smaller than this stay exact (quantizing them saves ~nothing)
-    include: tuple[str, ...] = ("*",)  # module-path globs whose saved tensors may be quantized ("" = top level)
-    exclude: tuple[str, ...] = ()  # module-path globs whose saved tensors stay exact
-    include_ops: tuple[str, ...] = ()  # producer op globs that may be quantized (empty: all), e.g. "gelu*"
-    exclude_ops: tuple[str, ...] = ()  # producer op globs that stay exact, e.g. "_log_softmax"
-    overrides: tuple[tuple[str, int], ...] = ()  # (glob on "module:op#k" id, bits or 0 for exact), first match wins
-    inner: Inner = Inner.INDUCTOR  # compiler for the rewritten graphs
-    quantize_outputs: bool = True  # also quantize saved tensors returned to the caller (LM logits): saves memory
-    # when the caller drops the output before backward (keeps just `.loss`); a loop that holds it gets an extra copy
-    recompute: bool = True  # rebuild cheap elementwise results (LayerNorm affine, GELU/SiLU outputs, casts of
-    # parameters) in backward from tensors stored anyway, instead of storing them
-    budget: int | float | None = None  # saved-activation budget: bytes (int >= 1), or a fraction in (0, 1) of what
-    # the baseline partition saves; the planner then picks per-tensor precision by least estimated error
+    bits: int = option(8, "code width of saved activations: 8, 4 or 2 (4 and 2 are packed, 2 or 4 codes per byte)")
+    stats: Stats = option(
+        Stats.DYNAMIC, "where each group's range comes from: 'dynamic' (this step's tensor) or 'running' (Mesa's EMA)"
+    )
+    rounding: Rounding = option(Rounding.NEAREST, "'nearest' or 'stochastic' (unbiased) rounding to codes")
+    decay: float = option(0.9, "EMA decay of running ranges (Mesa uses 0.9); only with stats='running'")
+    min_bytes: int = option(4096, "saved tensors smaller than this many bytes stay exact (quantizing saves ~nothing)")
+    include: tuple[str, ...] = option(
+        ("*",), "module-path globs whose saved tensors may be quantized ('' is the top level)", metavar="GLOB"
+    )
+    exclude: tuple[str, ...] = option(
+        (), "module-path globs whose saved tensors stay exact, e.g. 'head'", metavar="GLOB"
+    )
+    include_ops: tuple[str, ...] = option(
+        (), "producer-op globs that may be quantized (empty: all), e.g. 'gelu*'", flag="--include-op", metavar="GLOB"
+    )
+    exclude_ops: tuple[str, ...] = option(
+        (), "producer-op globs that stay exact, e.g. 'div*'", flag="--exclude-op", metavar="GLOB"
+    )
+    overrides: tuple[tuple[str, int], ...] = option(
+        (),
+        "bits per tensor id: glob on the 'module:op#k' id shown by `actpass inspect` -> 8, 4, 2 or 0 (exact); "
+        "the first match wins",
+        flag="--override",
+        metavar="GLOB=BITS",
+    )
+    inner: Inner = option(
+        Inner.INDUCTOR,
+        "compiler of the rewritten graphs: 'inductor', or 'eager' (the FX graphs as they are: debugging)",
+    )
+    quantize_outputs: bool = option(
+        True,
+        "also quantize saved tensors that are returned to the caller (LM logits): saves memory when the caller drops "
+        "the output before backward (keeps just `.loss`, the usual loop); a loop that holds it gets an extra copy",
+    )
+    recompute: bool = option(
+        True,
+        "rebuild cheap elementwise results (LayerNorm affine outputs, GELU/SiLU outputs, casts of parameters) in "
+        "backward from tensors stored anyway, instead of storing them",
+    )
+    budget: int | float | None = option(
+        None,
+        "saved-activation budget: a byte count (int >= 1) or a fraction in (0, 1) of what the baseline partition "
+        "saves; the planner then picks each tensor's precision by least estimated gradient error",
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -115,7 +164,9 @@ class MesaConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             known = ", ".join(sorted(names))
-            raise ValueError(f"actpass: unknown option(s) {', '.join(map(repr, unknown))}; known: {known}")
+            near = [m for u in unknown for m in difflib.get_close_matches(str(u), names, n=1)]
+            hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+            raise ValueError(f"actpass: unknown option(s) {', '.join(map(repr, unknown))}{hint}; known: {known}")
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> MesaConfig:
@@ -132,6 +183,19 @@ def _budget(value: Any) -> int | float | None:
             raise ValueError(f"actpass: budget {value!r}: a fraction must be in (0, 1); a byte count must be whole")
         return int(value)
     return value
+
+
+def _document_fields(cls: type) -> None:
+    """Append a ``Fields:`` section, built from each field's help, to ``cls.__doc__``."""
+    lines = ["", "    Fields:"]
+    for f in dataclasses.fields(cls):
+        default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        text = f"{f.name} (default {default!r}): {f.metadata.get('help', '')}"
+        lines += textwrap.wrap(text, 112, initial_indent=" " * 8, subsequent_indent=" " * 12)
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(MesaConfig)
 
 
 def _enum(kind: type[enum.Enum], name: str, value: Any) -> Any:

@@ -60,8 +60,8 @@ class Reason(str, enum.Enum):
     TOO_SMALL = "too small"  # under min_bytes, or codes + statistics would not be smaller
     ALIAS = "alias"  # shares storage with another saved tensor or is a broadcast/overlapping view
     POLICY = "excluded by policy"  # include/exclude globs, op kinds or an override
-    ROW_STAT = "row statistic"  # scales whole rows of the gradient; ~1/C of the activation bytes
-    MASK = "attention mask"  # -inf / finfo.min next to 0: integer codes cannot hold it
+    ROW_STATISTIC = "row statistic"  # LayerNorm mean/rstd, RMSNorm rsqrt, attention logsumexp: scale whole rows
+    MASK = "attention mask"  # additive mask (0 / -inf or finfo.min): integer codes cannot hold it
     MASK_SOURCE = "mask source"  # backward compares a value computed from it (ReLU/clamp masks): rounding flips bits
     SENSITIVE = "sensitive"  # the planner's role table keeps this kind exact (measured by training)
     BUDGET = "budget"  # the budget solver chose this precision
@@ -98,6 +98,7 @@ class SavedTensor:
     recompute: tuple[str, ...] = ()  # ops replayed in backward, in order (RECOMPUTED only)
     recompute_from: tuple[str, ...] = ()  # what they are replayed from: tensor ids of stored tensors, or "param/input"
     row_block: int = 1  # rows sharing one group (per-row layouts); >1 views [.., N] as [rows/row_block, row_block*N]
+    input_name: str = ""  # graph inputs: the parameter, buffer or model input it is, e.g. "blocks.0.fc1.weight"
 
     @property
     def quantized(self) -> bool:

@@ -33,7 +33,7 @@ import math
 from collections.abc import Sequence
 
 from actpass import _reference, sensitivity
-from actpass.analysis import GraphFacts, StorageFacts, producer_name, shape_repr, source_line
+from actpass.analysis import GraphFacts, StorageFacts, _op_short, producer_name, shape_repr, source_line
 from actpass.config import MesaConfig, Stats
 from actpass.plan import Decision, GraphPlan, Layout, Reason, Role, SavedTensor
 
@@ -95,6 +95,8 @@ class Option:
     row_block: int = 1
     detail: str = ""
     kind: str = ""  # layout kind: "head", "row", "channel", "conv", "tensor"
+    own_err: float | None = None  # this storage's own share of ``err``; the rest is what it passes on to tensors
+    # rebuilt from it in backward (recompute inherits its sources' rounding)
 
 
 def _channel_chunk(rows: int, c: int, bits: int) -> int:
@@ -246,7 +248,10 @@ def _policy(f: StorageFacts, config: MesaConfig) -> tuple[int | None, str | None
     if not _matches(config.include, f.module_path) or _matches(config.exclude, f.module_path):
         return None, f"module {f.module_path or '<top>'!r} excluded by include/exclude globs"
     short = f.tensor_id.rsplit(":", 1)[-1].split("#")[0]
-    if (config.include_ops and not _matches(config.include_ops, short)) or _matches(config.exclude_ops, short):
+    ops = (short, _op_short(f.producer))  # op globs may use the id's name or the op's: "sdpa*", "_scaled_dot_*"
+    if (config.include_ops and not any(_matches(config.include_ops, o) for o in ops)) or any(
+        _matches(config.exclude_ops, o) for o in ops
+    ):
         return None, f"op {short!r} excluded by include_ops/exclude_ops"
     return None, None
 
@@ -292,9 +297,8 @@ def plan_graph(
             choice[f.root] = _kept(f, *f.fixed)
             continue
         if f.is_output and not config.quantize_outputs:
-            choice[f.root] = _kept(
-                f, Reason.USER_OUTPUT, "returned to the caller and kept exact (quantize_outputs=False)"
-            )
+            what = "an activation handed over by a graph break" if f.handed_over else "returned to the caller"
+            choice[f.root] = _kept(f, Reason.USER_OUTPUT, f"{what}, kept exact (quantize_outputs=False)")
             continue
         obits, excluded = _policy(f, config)
         if excluded is not None:
@@ -321,13 +325,34 @@ def plan_graph(
             detail = f"replays {' > '.join(f.recipe.ops)} on {srcs}"
             choice[f.root] = (Option(Decision.RECOMPUTED, None, 0, 0.0, detail=detail), Reason.RECOMPUTED)
 
+    # A recomputed tensor carries its sources' rounding: the error of storing a source at b bits includes what it
+    # passes on, estimated as if the rebuilt tensor itself were stored at b bits in the same layout.
+    by_root = {f.root: f for f in storages}
+    dependents: dict[str, list[StorageFacts]] = {}
+    for r in recomputed:
+        for src in by_root[r].recipe.sources:  # type: ignore[union-attr]
+            if src in by_root:
+                dependents.setdefault(src, []).append(by_root[r])
+
+    def coupled(opts: list[Option], f: StorageFacts) -> list[Option]:
+        deps = dependents.get(f.root, [])
+        if not deps:
+            return opts
+        out = []
+        for o in opts:
+            if o.decision is Decision.QUANTIZED:
+                extra = sum(sensitivity.estimate(d.role, o.kind, o.bits, _numel(d) / total_numel) ** 2 for d in deps)
+                o = dataclasses.replace(o, err=math.sqrt(o.err**2 + extra), own_err=o.err)
+            out.append(o)
+        return out
+
     # 3. Quantize the rest: by role in bits= mode, by the knapsack with a budget.
     for f in storages:
         if f.root in choice:
             continue
         share = _numel(f) / total_numel
         if f.root in override_bits:
-            opt = best_option(quantized_options(f, override_bits[f.root], config, share))
+            opt = best_option(coupled(quantized_options(f, override_bits[f.root], config, share), f))
             choice[f.root] = (opt, Reason.POLICY) if opt is not None else _unsupported(f, config)
             continue
         if budget_bytes is None:
@@ -335,7 +360,7 @@ def plan_graph(
             if bits == 0:
                 choice[f.root] = _kept(f, Reason.SENSITIVE, f"{f.role.value}: kept exact at bits={config.bits}")
                 continue
-            opt = best_option(quantized_options(f, bits, config, share))
+            opt = best_option(coupled(quantized_options(f, bits, config, share), f))
             if opt is not None and opt.bytes >= f.nbytes:
                 choice[f.root] = _kept(f, Reason.TOO_SMALL, f"codes+statistics ({opt.bytes} B) >= {f.nbytes} B")
                 continue
@@ -344,7 +369,7 @@ def plan_graph(
             opts = [Option(Decision.KEPT, None, f.nbytes, 0.0, detail="exact (budget)")]
             for b in (8, 4, 2):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
-            candidates[f.root] = opts
+            candidates[f.root] = coupled(opts, f)
 
     plan_budget, reachable = None, None
     if budget_bytes is not None:
@@ -362,15 +387,31 @@ def plan_graph(
             choice[root] = (opt, Reason.BUDGET if opt.decision is Decision.KEPT else Reason.QUANTIZED)
         plan_budget = budget_bytes
 
+    # What each recomputed tensor inherits, for its record; its sources' records keep their own part.
+    inherited: dict[str, float] = {}
+    for r in recomputed:
+        d = by_root[r]
+        err2 = 0.0
+        for src in d.recipe.sources:  # type: ignore[union-attr]
+            o = choice.get(src, (None, None))[0]
+            if o is not None and o.decision is Decision.QUANTIZED:
+                err2 += sensitivity.estimate(d.role, o.kind, o.bits, _numel(d) / total_numel) ** 2
+        inherited[r] = math.sqrt(err2)
+    for root, (o, reason) in list(choice.items()):
+        if o.own_err is not None:
+            choice[root] = (dataclasses.replace(o, err=o.own_err, own_err=None), reason)
+        elif root in inherited:
+            choice[root] = (dataclasses.replace(o, err=inherited[root]), reason)
+
     return _records(facts, choice, config, graph_id, name, store_name, key_prefix, plan_budget, reachable)
 
 
 def _exact_source(name: str, facts: GraphFacts, choice: dict[str, tuple[Option, Reason]]) -> bool:
     """Whether a recipe source reaches backward exactly: a graph input, or a storage kept exact."""
     node = facts.nodes.get(name)
-    if node is not None and node.op == "placeholder":
-        return True
     opt = choice.get(name)
+    if node is not None and node.op == "placeholder" and opt is None:
+        return True
     return opt is not None and opt[0].decision is Decision.KEPT
 
 

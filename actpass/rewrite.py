@@ -136,22 +136,24 @@ class _Rewriter:
         rval = root.meta["val"]
         mode = _fake_mode(rval)
         graph = self.fw.graph
-        x = root
+        x = anchor = root
+        if root.op == "placeholder":  # an activation handed over as a graph input: quantize after the inputs
+            anchor = list(graph.find_nodes(op="placeholder"))[-1]
         if first.perm:
-            with graph.inserting_after(x):
-                x = graph.call_function(aten.permute.default, (root, list(first.perm)))
+            with graph.inserting_after(anchor):
+                x = anchor = graph.call_function(aten.permute.default, (root, list(first.perm)))
             x.meta["val"] = rval.permute(first.perm)
         qview = _qview_shape(first, x.meta["val"])
         if qview is not None:
-            with graph.inserting_after(x):
+            with graph.inserting_after(anchor):
                 xv = graph.call_function(aten.view.default, (x, qview))
             xv.meta["val"] = x.meta["val"].view(qview)
-            x = xv
+            x = anchor = xv
         stochastic = self.config.rounding is Rounding.STOCHASTIC
         args = (x, first.bits, first.gend, first.groups, stochastic, first.stats_key, self.config.decay)
         with mode:
             vals = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
-        with graph.inserting_after(x):
+        with graph.inserting_after(anchor):
             qnode = graph.call_function(torch.ops.actpass.quantize_saved.default, args)
         qnode.meta["val"] = vals
         names = [_unique(f"{root.name}_actpass_{s}", graph, self.bw.graph) for s in ("q", "s", "lo")]

@@ -468,7 +468,8 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
     """When CUDA looks available but the CUDA build fails, the CPU kernels still load and one warning says why.
 
     Simulated on any machine: ``_cuda_build_reason`` is patched to claim CUDA, and CUDA_HOME points nowhere. The
-    CPU-only fallback build (``actpass_C_cpu``) is cached in torch's default extensions directory after the first run.
+    CPU-only fallback build (``actpass_C_cpu_<key>``) is cached in torch's default extensions directory after the
+    first run.
     """
     code = (
         "import warnings, torch, actpass.ops\n"

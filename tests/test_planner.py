@@ -47,7 +47,7 @@ def test_roles_of_a_transformer_block_under_inductor(attn):
     be = _compile(Block(64, 4, attn), torch.randn(2, 33, 64))
     roles = _by_role(be.plans[0])
     # LayerNorm statistics stay exact whatever their memory order (they were quantized when stored as [1, B, N]).
-    assert roles[Role.ROW_STAT] and all(t.reason is Reason.ROW_STAT for t in roles[Role.ROW_STAT])
+    assert roles[Role.ROW_STAT] and all(t.reason is Reason.ROW_STATISTIC for t in roles[Role.ROW_STAT])
     # The LayerNorm affine outputs and the GELU output are rebuilt in backward, from what is stored anyway.
     assert roles[Role.NORM_OUTPUT] and all(t.recomputed for t in roles[Role.NORM_OUTPUT])
     assert roles[Role.ACT_OUTPUT] and all(t.recomputed for t in roles[Role.ACT_OUTPUT])
@@ -149,14 +149,15 @@ def test_budget_bytes_spread_over_graphs():
     assert sum(p.saved_bytes_after for p in be.plans) <= 10**6
     assert be.plans[1].budget == 10**6 - be.plans[0].saved_bytes_after
     # When the first graph spends it all, the second is planned at its smallest size, with a warning saying why.
+    smallest = [p.min_bytes_reachable for p in be.plans]
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="earlier graphs use"):
-        be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=150_000)
+        be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=smallest[0] + smallest[1] // 2)
     assert be.plans[1].saved_bytes_after == be.plans[1].min_bytes_reachable
-    # A fraction holds for every graph.
+    # A fraction holds for the graphs together.
     torch._dynamo.reset()
     be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=0.2)
-    assert all(p.saved_bytes_after <= 0.2 * p.saved_bytes_before for p in be.plans)
+    assert sum(p.saved_bytes_after for p in be.plans) <= 0.2 * sum(p.saved_bytes_before for p in be.plans)
 
 
 # --------------------------------------------------------------------------------------------- the solver alone

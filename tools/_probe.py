@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from actpass import ops as _ops  # noqa: F401
 from actpass.analysis import GraphFacts, StorageFacts, gather_facts, view_chain
-from actpass.backend import MesaBackend
+from actpass.backend import MesaBackend, activation_inputs
 from actpass.planner import Option, plan_graph
 
 SPECS: dict[str, Any] = {}
@@ -109,8 +109,8 @@ class ProbeBackend(MesaBackend):
         super().__init__(*args, **kwargs)
         self.facts: list[GraphFacts] = _Unpickled()
 
-    def _rewrite(self, fw, bw, num_fwd_outputs, *, is_body, key_prefix):  # noqa: D401 - overrides the pass
-        facts = gather_facts(fw, num_fwd_outputs, bw)
+    def _rewrite(self, fw, bw, num_fwd_outputs, *, is_body, key_prefix, input_names=None, **_kw):  # noqa: D401
+        facts = gather_facts(fw, num_fwd_outputs, bw, activation_inputs=activation_inputs(input_names))
         self.facts.append(facts)
         self.plans.append(plan_graph(facts, self.config, graph_id=len(self.plans)))
         if is_body:

@@ -39,6 +39,7 @@ import suite  # noqa: E402
 
 import actpass  # noqa: E402
 from actpass import planner, sensitivity  # noqa: E402
+from actpass.backend import graph_budget  # noqa: E402
 from actpass.plan import Decision  # noqa: E402
 
 RESULTS = suite.ROOT / "tools" / "results"
@@ -58,6 +59,7 @@ class Probe:
         self.compiled = torch.compile(self.model, backend=self.backend)
         self.autocast = autocast
         _probe.SPECS.clear()
+        self.grads()  # compile, and let a model that changes its own config on the first call recompile now
         self.exact = self.grads()
 
     def grads(self) -> dict[str, torch.Tensor]:
@@ -90,11 +92,11 @@ class Probe:
 
 def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
     rows = []
-    totals = p.totals()
     cfg = p.backend.config
     roles = sorted({f.role for _g, f in p.storages()}, key=lambda r: r.value)
     for role in roles:
         fs = [(g, f) for g, f in p.storages() if f.role is role]
+        totals = p.totals()
         share = sum(planner._numel(f) / totals[g] for g, f in fs)
         for kind in LAYOUTS:
             for bits in BITS:
@@ -118,22 +120,33 @@ def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
     return rows
 
 
-def build_table(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
-    s: dict[str, dict[str, dict[str, float]]] = {}
+def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "geomean") -> dict[str, Any]:
+    values: dict[tuple[str, str, str], list[float]] = {}
     for r in rows:
         if r["layout"] == "recompute":
             continue
-        cell = s.setdefault(r["role"], {}).setdefault(r["layout"], {})
-        key = str(r["bits"])
-        cell[key] = max(cell.get(key, 0.0), r["s"])
+        values.setdefault((r["role"], r["layout"], str(r["bits"])), []).append(max(r["s"], 1e-30))
+    s: dict[str, dict[str, dict[str, float]]] = {}
+    for (role, layout, key), vs in values.items():
+        if aggregate == "max":
+            v = max(vs)
+        elif aggregate == "median":
+            v = sorted(vs)[len(vs) // 2]
+        elif aggregate == "upper":  # between the typical task and the most sensitive one
+            logs = [math.log(x) for x in vs]
+            mu = sum(logs) / len(logs)
+            v = math.sqrt(math.exp(mu) * max(vs))
+        else:
+            v = math.exp(sum(math.log(x) for x in vs) / len(vs))
+        s.setdefault(role, {}).setdefault(layout, {})[key] = v
     # The default for roles a model shows that the suite did not have: the largest value of any role.
     default = {
         str(b): max((v[str(b)] for lay in s.values() for v in lay.values() if str(b) in v), default=1.0) for b in BITS
     }
     return {
         "method": "s = e**2 / share, e = one-step global relative gradient error with only that role quantized "
-        "(probe backend, fp32), share = the role's fraction of the graph's saved activation elements; largest over "
-        "tasks",
+        f"(probe backend, fp32), share = the role's fraction of the graph's saved activation elements; {aggregate} "
+        "over tasks",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]]),
         "tasks": tasks,
         "machine": suite.machine(),
@@ -151,12 +164,11 @@ def check_model(p: Probe, log) -> list[dict[str, Any]]:
         config = actpass.MesaConfig(**opts)
         specs: dict[str, Any] = {}
         est2, before, after = 0.0, 0, 0
+        plans: list = []
         try:
             for g, facts in enumerate(p.backend.facts):
-                budget = None
-                if config.budget is not None:
-                    budget = int(config.budget * sum(f.nbytes for f in facts.storages if planner._counted(f)))
-                plan = planner.plan_graph(facts, config, graph_id=g, budget_bytes=budget)
+                plan = planner.plan_graph(facts, config, graph_id=g, budget_bytes=graph_budget(config, facts, plans))
+                plans.append(plan)
                 est2 += plan.est_error**2
                 before += plan.saved_bytes_before
                 after += plan.saved_bytes_after
@@ -169,7 +181,14 @@ def check_model(p: Probe, log) -> list[dict[str, Any]]:
                         specs[t.tensor_id] = "recompute"
                     elif t.decision is Decision.QUANTIZED:
                         opt = planner.Option(
-                            t.decision, t.bits, t.bytes_after, t.est_error, t.layout, t.gend, t.groups, t.chunk,
+                            t.decision,
+                            t.bits,
+                            t.bytes_after,
+                            t.est_error,
+                            t.layout,
+                            t.gend,
+                            t.groups,
+                            t.chunk,
                             t.row_block,
                         )
                         specs[t.tensor_id] = _probe.qdq_fn(f, opt)
@@ -178,10 +197,21 @@ def check_model(p: Probe, log) -> list[dict[str, Any]]:
             continue
         e = p.error(specs)
         est = math.sqrt(est2)
-        rows.append(dict(policy=label, measured=e, estimated=est, ratio=est / e if e else None, before=before,
-                         after=after, compression=before / after if after else None))
-        log(f"  {label:12s} measured {e:.4%} estimated {est:.4%} (x{est / e if e else float('nan'):.2f}); "
-            f"{before / max(after, 1):.2f}x smaller")
+        rows.append(
+            dict(
+                policy=label,
+                measured=e,
+                estimated=est,
+                ratio=est / e if e else None,
+                before=before,
+                after=after,
+                compression=before / after if after else None,
+            )
+        )
+        log(
+            f"  {label:12s} measured {e:.4%} estimated {est:.4%} (x{est / e if e else float('nan'):.2f}); "
+            f"{before / max(after, 1):.2f}x smaller"
+        )
     return rows
 
 
@@ -192,17 +222,45 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check-only", action="store_true", help="only check the shipped table's estimates")
     ap.add_argument("--out", type=Path, default=RESULTS / "sensitivity-cpu.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--aggregate",
+        choices=("geomean", "median", "upper", "max"),
+        default="geomean",
+        help="how the table combines tasks (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--table-from",
+        type=Path,
+        metavar="JSON",
+        help="rebuild the table from a results file's measurements instead of measuring",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    results: dict[str, Any] = {"command": " ".join(["python tools/measure_sensitivity.py", *(argv or sys.argv[1:])]),
-                               "machine": suite.machine(), "roles": {}, "check": {}}
+    results: dict[str, Any] = {
+        "command": " ".join(["python tools/measure_sensitivity.py", *(argv or sys.argv[1:])]),
+        "machine": suite.machine(),
+        "roles": {},
+        "check": {},
+    }
     probes = {}
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    if args.table_from:
+        old = json.loads(args.table_from.read_text())
+        results["roles"] = old["roles"]
+        rows = [dict(x, task=name) for name, rs in old["roles"].items() for x in rs]
+        table = build_table(rows, list(old["roles"]), args.aggregate)
+        table["command"] = results["command"]
+        results["table"] = table
+        if not args.no_write:
+            sensitivity.DATA.write_text(json.dumps(table, indent=1) + "\n")
+            sensitivity.table.cache_clear()
+            log(f"wrote {sensitivity.DATA}")
+        args.check_only = True
     for name in args.tasks:
         log(f"{name}: compiling the probe ...")
         probes[name] = Probe(name)
@@ -210,8 +268,10 @@ def main(argv: list[str] | None = None) -> None:
             r = measure_roles(probes[name], log)
             results["roles"][name] = r
             rows += [dict(x, task=name) for x in r]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive a failure
     if not args.check_only:
-        table = build_table(rows, args.tasks)
+        table = build_table(rows, args.tasks, args.aggregate)
         results["table"] = table
         if not args.no_write:
             sensitivity.DATA.write_text(json.dumps(table, indent=1) + "\n")

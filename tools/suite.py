@@ -230,6 +230,8 @@ def hf_vit(steps: int, seed: int) -> Task:
     cfg = ViTConfig(
         image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=256, num_labels=10, attn_implementation="sdpa",
+        # Set here because HF's loss sets it on the first call otherwise, and that config change recompiles.
+        problem_type="single_label_classification",
     )
     batches, evals = _digit_batches(steps, 64, seed, "pixel_values")
     return Task(
