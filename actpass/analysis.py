@@ -511,6 +511,8 @@ def classify(root: fx.Node, members: list[fx.Node]) -> Role:
         return Role.INPUT
     if val is None:
         return Role.OTHER
+    if val.dtype is torch.bool:
+        return Role.BOOL_MASK
     t = root.target
     name = producer_name(root)
     if t is operator.getitem and isinstance(root.args[0], fx.Node):
@@ -627,6 +629,10 @@ def _fixed(root: fx.Node, val, members: list[fx.Node], handed: bool = False) -> 
         return (Reason.PARAM_OR_INPUT, f"{'view of ' if root not in members else ''}graph input {root.name}")
     if val is None:
         return (Reason.UNSUPPORTED, "storage root has no tensor metadata")
+    if val.dtype is torch.bool:
+        if not is_dense(val):
+            return (Reason.ALIAS, "storage root is a broadcast or overlapping view")
+        return None  # packed to bits, losslessly (planner)
     if not val.dtype.is_floating_point and not val.dtype.is_complex:
         return (Reason.NOT_FLOAT, f"{val.dtype} is stored exactly")
     if val.dtype not in _FLOAT_DTYPES:
@@ -735,8 +741,9 @@ def gather_facts(
         ordinals[(mpath, short)] = k + 1
         handed = root.op == "placeholder" and root.name in activation_inputs
         fixed = _fixed(root, val, grp.members, handed)
-        compared = bool(bw_ph) and _compared_in_backward(root, grp.members, bw_ph, allow_direct=False)
-        if fixed is None and bw_ph and _compared_in_backward(root, grp.members, bw_ph):
+        is_bool = val is not None and val.dtype is torch.bool  # stored losslessly: comparisons stay exact
+        compared = bool(bw_ph) and not is_bool and _compared_in_backward(root, grp.members, bw_ph, allow_direct=False)
+        if fixed is None and bw_ph and not is_bool and _compared_in_backward(root, grp.members, bw_ph):
             fixed = (
                 Reason.MASK_SOURCE,
                 "backward derives a mask from it by comparison (e.g. ReLU after a recomputed BatchNorm): rounding "

@@ -34,6 +34,7 @@ class Role(str, enum.Enum):
     INPUT = "input"  # a parameter or graph input (or a view of one): alive anyway
     CAST = "cast"  # a cast or copy of parameters/inputs only (bf16 weight under autocast, channels-last copy)
     MASK = "mask"  # additive attention mask or bias built from -inf / huge constants
+    BOOL_MASK = "bool-mask"  # a bool tensor (dropout mask, attention mask): stored as 1 bit per element
     ROW_STAT = "row-stat"  # per-row statistic: LayerNorm mean/rstd, RMSNorm rsqrt, attention logsumexp
     NORM_INPUT = "norm-in"  # input of a LayerNorm/RMSNorm
     NORM_HAT = "norm-hat"  # normalized input, before the affine weight and bias

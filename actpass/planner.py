@@ -198,8 +198,18 @@ def quantized_option(
     return Option(Decision.QUANTIZED, bits, nbytes, err, layout, gend, groups, chunk, row_block, detail, kind)
 
 
+def mask_option(f: StorageFacts) -> Option | None:
+    """A bool tensor as 1 bit per element (lossless): the only option worth having for it."""
+    if not f.static:
+        return None
+    return Option(Decision.QUANTIZED, 1, (_numel(f) + 7) // 8, 0.0, detail="1 bit per element (lossless)", kind="bits")
+
+
 def quantized_options(f: StorageFacts, bits: int, config: MesaConfig, share: float) -> list[Option]:
     """Every statistics layout ``f`` can take at ``bits``: per row, per channel, per head, per (sample, channel)."""
+    if f.role is Role.BOOL_MASK:
+        o = mask_option(f)
+        return [o] if o is not None else []
     kinds = ["row", "channel"]
     if f.attn_layout:
         kinds.append("head")
@@ -289,6 +299,7 @@ def plan_graph(
     total_numel = sum(_numel(f) for f in storages if _counted(f)) or 1
     choice: dict[str, tuple[Option, Reason]] = {}
     candidates: dict[str, list[Option]] = {}
+    uniform: dict[str, int] = {}  # bits=4/2: each storage's bytes at that width, the size the solver then fills
     override_bits: dict[str, int] = {}
 
     # 1. What the facts and the policy fix.
@@ -353,9 +364,11 @@ def plan_graph(
         share = _numel(f) / total_numel
         if f.root in override_bits:
             opt = best_option(coupled(quantized_options(f, override_bits[f.root], config, share), f))
-            choice[f.root] = (opt, Reason.POLICY) if opt is not None else _unsupported(f, config)
+            if opt is not None:
+                opt = dataclasses.replace(opt, detail=f"{opt.detail} (an override)")
+            choice[f.root] = (opt, Reason.QUANTIZED) if opt is not None else _unsupported(f, config)
             continue
-        if budget_bytes is None:
+        if budget_bytes is None and config.bits == 8:
             bits = ROLE_BITS.get(f.role, {}).get(config.bits, config.bits)
             if bits == 0:
                 choice[f.root] = _kept(f, Reason.SENSITIVE, f"{f.role.value}: kept exact at bits={config.bits}")
@@ -367,13 +380,29 @@ def plan_graph(
             choice[f.root] = (opt, Reason.QUANTIZED) if opt is not None else _unsupported(f, config)
         else:
             opts = [Option(Decision.KEPT, None, f.nbytes, 0.0, detail="exact (budget)")]
-            for b in (8, 4, 2):
+            for b in (8, 4, 2) if f.role is not Role.BOOL_MASK else (1,):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
             candidates[f.root] = coupled(opts, f)
+            if budget_bytes is None:  # bits=4 or 2: what every storage would cost at that width
+                at_bits = best_option([o for o in opts if o.bits in (config.bits, 1)])
+                uniform[f.root] = at_bits.bytes if at_bits is not None else f.nbytes
 
     plan_budget, reachable = None, None
-    if budget_bytes is not None:
+    mixed = budget_bytes is None and config.bits < 8
+    if mixed:
+        # What is rebuilt in backward instead of stored frees bytes the solver spends on precision elsewhere, so
+        # bits=b costs what b-bit codes of every saved tensor would: ~32/b times less than fp32 activations.
+        for r in recomputed:
+            at_bits = best_option(quantized_options(by_root[r], config.bits, config, 0.0))
+            if at_bits is not None:
+                uniform[r] = min(at_bits.bytes, by_root[r].nbytes)
+    if budget_bytes is not None or mixed:
         fixed_bytes = sum(o.bytes for r, (o, _reason) in choice.items() if _counted(_facts(facts, r)))
+        if mixed:
+            # NOTE: bits=4 and bits=2 mean "the bytes of 4- (2-) bit codes for every saved tensor", spent where the
+            # error model says it matters. Uniform codes at that width measured 18-47% one-step error at 2 bits and
+            # 2.0-9.3% at 4 bits on the training suite (tools/measure_sensitivity.py check); spread, far less.
+            budget_bytes = fixed_bytes + sum(uniform.values())
         chosen, reachable = solve_budget(candidates, budget_bytes - fixed_bytes)
         reachable += fixed_bytes
         if chosen is None:
@@ -384,8 +413,10 @@ def plan_graph(
                 reachable,
             )
         for root, opt in chosen.items():
+            if mixed:
+                opt = dataclasses.replace(opt, detail=f"{opt.detail}; bits={config.bits} spread by the solver")
             choice[root] = (opt, Reason.BUDGET if opt.decision is Decision.KEPT else Reason.QUANTIZED)
-        plan_budget = budget_bytes
+        plan_budget = None if mixed else budget_bytes
 
     # What each recomputed tensor inherits, for its record; its sources' records keep their own part.
     inherited: dict[str, float] = {}
@@ -520,7 +551,7 @@ def _records(
         quantized = opt.decision is Decision.QUANTIZED
         first = i == 0
         stats_key = ""
-        if quantized and config.stats is Stats.RUNNING:
+        if quantized and opt.bits != 1 and config.stats is Stats.RUNNING:
             stats_key = f"{store_name}/{key_prefix}{f.tensor_id}"
         tensors.append(
             SavedTensor(

@@ -149,23 +149,33 @@ class _Rewriter:
                 xv = graph.call_function(aten.view.default, (x, qview))
             xv.meta["val"] = x.meta["val"].view(qview)
             x = anchor = xv
-        stochastic = self.config.rounding is Rounding.STOCHASTIC
-        args = (x, first.bits, first.gend, first.groups, stochastic, first.stats_key, self.config.decay)
-        with mode:
-            vals = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
-        with graph.inserting_after(anchor):
-            qnode = graph.call_function(torch.ops.actpass.quantize_saved.default, args)
-        qnode.meta["val"] = vals
-        names = [_unique(f"{root.name}_actpass_{s}", graph, self.bw.graph) for s in ("q", "s", "lo")]
         outs_new: list[fx.Node] = []
-        prev = qnode
-        for i, (nm, v) in enumerate(zip(names, vals, strict=True)):
-            with graph.inserting_after(prev):
-                g = graph.call_function(operator.getitem, (qnode, i))
-            g.name = nm
-            g.meta["val"] = v
-            outs_new.append(g)
-            prev = g
+        if first.bits == 1:  # a bool mask: one packed tensor
+            with mode:
+                vals = (torch.ops.actpass.pack_mask.default(x.meta["val"]),)
+            with graph.inserting_after(anchor):
+                qnode = graph.call_function(torch.ops.actpass.pack_mask.default, (x,))
+            qnode.meta["val"] = vals[0]
+            qnode.name = _unique(f"{root.name}_actpass_bits", graph, self.bw.graph)
+            names = [qnode.name]
+            outs_new.append(qnode)
+        else:
+            stochastic = self.config.rounding is Rounding.STOCHASTIC
+            args = (x, first.bits, first.gend, first.groups, stochastic, first.stats_key, self.config.decay)
+            with mode:
+                vals = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
+            with graph.inserting_after(anchor):
+                qnode = graph.call_function(torch.ops.actpass.quantize_saved.default, args)
+            qnode.meta["val"] = vals
+            names = [_unique(f"{root.name}_actpass_{s}", graph, self.bw.graph) for s in ("q", "s", "lo")]
+            prev = qnode
+            for i, (nm, v) in enumerate(zip(names, vals, strict=True)):
+                with graph.inserting_after(prev):
+                    g = graph.call_function(operator.getitem, (qnode, i))
+                g.name = nm
+                g.meta["val"] = v
+                outs_new.append(g)
+                prev = g
         self.replace_out[first.name] = outs_new
         for t in members[1:]:
             self.replace_out[t.name] = []
@@ -189,12 +199,16 @@ class _Rewriter:
         xval, qview = qinfo
         graph = self.bw.graph
         with graph.inserting_before(at):
-            last = xval.shape[-1]
-            last_arg = self.syms.emit(last, last)
-            deq = graph.call_function(
-                torch.ops.actpass.dequantize.default,
-                (new_ph[0], new_ph[1], new_ph[2], first.bits, first.gend, last_arg, rval.dtype),
-            )
+            if first.bits == 1:
+                shape = [self.syms.emit(d, d) for d in xval.shape]
+                deq = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
+            else:
+                last = xval.shape[-1]
+                last_arg = self.syms.emit(last, last)
+                deq = graph.call_function(
+                    torch.ops.actpass.dequantize.default,
+                    (new_ph[0], new_ph[1], new_ph[2], first.bits, first.gend, last_arg, rval.dtype),
+                )
             with mode:
                 deq.meta["val"] = torch.empty(xval.shape, dtype=rval.dtype, device=rval.device)
             y = deq
