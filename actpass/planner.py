@@ -380,7 +380,9 @@ def plan_graph(
             choice[f.root] = (opt, Reason.QUANTIZED) if opt is not None else _unsupported(f, config)
         else:
             opts = [Option(Decision.KEPT, None, f.nbytes, 0.0, detail="exact (budget)")]
-            for b in (8, 4, 2) if f.role is not Role.BOOL_MASK else (1,):
+            # bits=4 / bits=2 never go below that width: what recompute frees buys wider codes where it matters.
+            widths = (8, 4, 2) if budget_bytes is not None else tuple(b for b in (8, 4, 2) if b >= config.bits)
+            for b in widths if f.role is not Role.BOOL_MASK else (1,):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
             candidates[f.root] = coupled(opts, f)
             if budget_bytes is None:  # bits=4 or 2: what every storage would cost at that width
@@ -567,7 +569,9 @@ def _records(
                 heads=f.heads,
                 decision=opt.decision,
                 reason=reason,
-                detail=opt.detail if first else f"shares storage with {f.members[0]}",
+                detail=(opt.detail + ("; an activation handed over by a graph break" if f.handed_over else ""))
+                if first
+                else f"shares storage with {f.members[0]}",
                 bytes_before=f.nbytes if first else 0,
                 bytes_after=opt.bytes if first else 0,
                 bits=opt.bits,

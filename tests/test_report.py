@@ -192,6 +192,7 @@ def test_json_schema_v1() -> None:
         "measured",
         "graphs",
         "modules",
+        "notes",
     }
     t = d["totals"]
     assert t["saved_bytes_before"] == 10368 and t["saved_bytes_after"] == 3328
