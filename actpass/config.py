@@ -27,6 +27,13 @@ class Inner(str, enum.Enum):
     EAGER = "eager"  # run the rewritten FX graphs as they are: for debugging
 
 
+class Codec(str, enum.Enum):
+    """How quantize/dequantize are emitted into the graphs (see ``actpass/emit.py``)."""
+
+    AUTO = "auto"  # Inductor fuses them (aten ops) where it can: inner="inductor", dynamic stats, nearest rounding
+    KERNELS = "kernels"  # always the C++/CUDA extension ops
+
+
 _BITS = (2, 4, 8)
 
 
@@ -65,6 +72,7 @@ class MesaConfig:
     inner: Inner = Inner.INDUCTOR  # compiler for the rewritten graphs
     quantize_outputs: bool = False  # also quantize saved tensors returned to the caller (LM logits): saves memory
     # only if the caller drops the output before backward (e.g. keeps just `.loss`); otherwise it adds a copy
+    codec: Codec = Codec.AUTO  # "auto": aten ops fused by Inductor where possible; "kernels": always the extension ops
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -73,6 +81,7 @@ class MesaConfig:
         set_(self, "stats", _enum(Stats, "stats", self.stats))
         set_(self, "rounding", _enum(Rounding, "rounding", self.rounding))
         set_(self, "inner", _enum(Inner, "inner", self.inner))
+        set_(self, "codec", _enum(Codec, "codec", self.codec))
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
             raise ValueError(f"actpass: decay must be a number in [0, 1), got {self.decay!r}")
         set_(self, "decay", float(self.decay))
