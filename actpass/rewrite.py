@@ -28,9 +28,10 @@ import operator
 import torch
 import torch.fx as fx
 
+from actpass import emit as _emit
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass.analysis import storage_root, view_chain
-from actpass.config import MesaConfig, Rounding
+from actpass.config import MesaConfig
 from actpass.plan import GraphPlan, SavedTensor
 from actpass.symbols import SymSource
 
@@ -85,7 +86,7 @@ def apply_plan(
         member_nodes = [fw_nodes[t.name] for t in members]
         root = storage_root(member_nodes[0])
         rval = root.meta["val"]
-        mode = _fake_mode(rval)
+        _fake_mode(rval)  # a RewriteError without FakeTensor metadata
 
         # ---- forward: quantize right after the root is produced ----
         base = root.name
@@ -100,24 +101,10 @@ def apply_plan(
                 xv = fw.graph.call_function(aten.view.default, (x, [-1, c // first.chunk, first.chunk]))
             xv.meta["val"] = x.meta["val"].view(-1, c // first.chunk, first.chunk)
             x = xv
-        key = first.stats_key
-        stochastic = config.rounding is Rounding.STOCHASTIC
-        args = (x, first.bits, first.gend, first.groups, stochastic, key, config.decay)
-        with mode:
-            fq, fs, flo = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
-        with fw.graph.inserting_after(x):
-            qnode = fw.graph.call_function(torch.ops.actpass.quantize_saved.default, args)
-        qnode.meta["val"] = (fq, fs, flo)
         names = [_unique(f"{base}_actpass_{s}", fw.graph, bw.graph) for s in ("q", "s", "lo")]
-        outs_new: list[fx.Node] = []
-        prev = qnode
-        for i, (nm, v) in enumerate(zip(names, (fq, fs, flo), strict=True)):
-            with fw.graph.inserting_after(prev):
-                g = fw.graph.call_function(operator.getitem, (qnode, i))
-            g.name = nm
-            g.meta["val"] = v
-            outs_new.append(g)
-            prev = g
+        fused = _emit.use_fused(config, x.meta["val"])
+        outs_new = _emit.emit_quantize(fw.graph, x, first, config, names, fused)
+        fq, fs, flo = (n.meta["val"] for n in outs_new)
         replace_out[first.name] = outs_new
         for t in members[1:]:
             replace_out[t.name] = []
@@ -142,12 +129,8 @@ def apply_plan(
         with bw.graph.inserting_before(first_use):
             last = x.meta["val"].shape[-1]
             last_arg = syms.emit(last, last)
-            deq = bw.graph.call_function(
-                torch.ops.actpass.dequantize.default,
-                (new_ph[0], new_ph[1], new_ph[2], first.bits, first.gend, last_arg, rval.dtype),
-            )
-            with mode:
-                deq.meta["val"] = torch.empty(x.meta["val"].shape, dtype=rval.dtype, device=rval.device)
+            shape = x.meta["val"].shape
+            deq = _emit.emit_dequantize(bw.graph, new_ph, first, last_arg, shape, rval.dtype, fused, first_use)
             y = deq
             if first.chunk > 1:  # back from [rows, C/chunk, chunk] to the root's (memory-order) shape
                 pshape = rval.permute(first.perm).shape if first.perm else rval.shape
