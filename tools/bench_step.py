@@ -6,7 +6,9 @@ For each model and precision (fp32, bf16 autocast) every variant is compiled sid
 * ``mesa8``, ``mesa4``: the mesa backend, 8- and 4-bit codes, default policy;
 * ``mesa8-running``: 8-bit with Mesa's running (EMA) statistics;
 * ``fp8-pass``: Inductor with PyTorch's own fp8 saved-activation pass (``activation_quantization_aten_pass``, the
-  options of ``tools/bench_memory.py``).
+  options of ``tools/bench_memory.py``);
+* ``mesa8-kernels`` (not run by default): 8-bit with ``codec="kernels"``, the C++ extension ops everywhere instead
+  of aten ops that Inductor fuses (what the default was before issue 9).
 
 A step is ``zero grads -> forward (under autocast for bf16) -> loss -> backward`` (no optimizer). After the compiling
 step and ``--warmup`` more, the variants are stepped in interleaved rounds: round ``r`` runs ``--steps-per-round``
@@ -87,7 +89,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "mesa4": {"bits": 4},
     "mesa8-running": {"bits": 8, "stats": "running"},
     "fp8-pass": None,
+    "mesa8-kernels": {"bits": 8, "codec": "kernels"},  # the extension ops everywhere (the choice before fusion)
 }
+DEFAULT_VARIANTS = ["inductor", "mesa8", "mesa4", "mesa8-running", "fp8-pass"]
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -468,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU (issue 9's numbers use 1)")
     ap.add_argument("--batch-mult", type=int, default=1, help="multiply every model's batch (e.g. 8 on a GPU)")
