@@ -11,12 +11,13 @@ For each model and precision (fp32, bf16 autocast) every variant is compiled sid
   of aten ops that Inductor fuses (what the default was before issue 9).
 
 A step is ``zero grads -> forward (under autocast for bf16) -> loss -> backward`` (no optimizer). After the compiling
-step and ``--warmup`` more, the variants are stepped in interleaved rounds: round ``r`` runs ``--steps-per-round``
-steps of each variant, in an order rotated by ``r``, so that a load change on a shared machine hits every variant
-alike. Reported per variant: median step (ms) over all timed steps, the interquartile range, and the ratio to
-Inductor, as the median of the per-round ratios (each round's median step over Inductor's in the same round) with
-their min and max. Each phase also records ``os.getloadavg()`` before and after: on a machine whose load is above
-its thread count, treat the numbers as indicative only.
+step and ``--warmup`` more (and one step under saved-tensor hooks that records the bytes saved for backward, by
+dtype, so a variant that did not apply shows), the variants are stepped in interleaved rounds: round ``r`` runs
+``--steps-per-round`` steps of each variant, in an order rotated by ``r``, so that a load change on a shared machine
+hits every variant alike. Reported per variant: median step (ms) over all timed steps, the interquartile range, and
+the ratio to Inductor, as the median of the per-round ratios (each round's median step over Inductor's in the same
+round) with their min and max. Each phase also records ``os.getloadavg()`` before and after: on a machine whose load
+is above its thread count, treat the numbers as indicative only.
 
 Compile time (``--compile``, on by default): for each model, ``inductor`` and ``mesa8`` are compiled in fresh
 processes: *cold* with an empty Inductor cache directory, then *warm*: a second process with the same cache
@@ -247,11 +248,36 @@ class Runner:
         return dt
 
     def first_step(self) -> float:
-        """The compiling step, under the variant's Inductor config (forward and backward both compile here)."""
+        """The compiling step, under the variant's Inductor config (forward and backward both compile here).
+
+        With a config patch (the fp8 pass) Inductor's and AOTAutograd's caches are off for the compile: a cache
+        entry of the same graph compiled without the pass would otherwise be served (measured: the fp8 variant
+        "compiled" in 0.3 s after the inductor one, with no fp8 tensors saved).
+        """
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(self.patch) if self.patch else contextlib.nullcontext():
+        if not self.patch:
             return self.step()
+        with (
+            inductor_config.patch({**self.patch, "fx_graph_cache": False}),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
+            return self.step()
+
+    def saved_bytes(self) -> dict[str, Any]:
+        """Bytes saved for backward in one step (saved-tensor hooks; parameters and inputs left out), by dtype."""
+        from actpass.measure import SavedTensorCounter, exclusions
+
+        for p in self.model.parameters():
+            p.grad = None
+        counter = SavedTensorCounter(exclude=exclusions(self.model, self.inputs), backend=self.variant)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            with counter:
+                out = self.compiled(*self.inputs)
+            loss = self.loss_fn(out)
+        loss.float().backward()
+        measured = counter.result()
+        return {"total": measured.total, "by_dtype": measured.by_dtype}
 
     def plans(self) -> dict[str, Any] | None:
         plans = getattr(self.backend, "plans", None)
@@ -284,11 +310,13 @@ def run_phase(model_name: str, precision: str, args: argparse.Namespace) -> dict
     phase: dict[str, Any] = {"model": model_name, "precision": precision, "loadavg_before": _loadavg()}
     runners: dict[str, Runner] = {}
     compile_s: dict[str, float] = {}
+    saved: dict[str, dict[str, Any]] = {}
     for v in args.variants:
         r = Runner(model_name, v, precision, args.device, args.batch_mult, args.mesa_options)
         compile_s[v] = r.first_step()
         for _ in range(args.warmup):
             r.step()
+        saved[v] = r.saved_bytes()
         runners[v] = r
         print(f"  {model_name:9s} {precision:5s} {v:14s} compiled + first step {compile_s[v]:6.1f} s", flush=True)
     times: dict[str, list[float]] = {v: [] for v in runners}
@@ -313,6 +341,7 @@ def run_phase(model_name: str, precision: str, args: argparse.Namespace) -> dict
             "steps_timed": len(ts),
             "first_step_s": round(compile_s[v], 2),
             "loss": runners[v].last_loss,
+            "saved_bytes": saved[v],
         }
         if base is not None:
             ratios = [a / b for a, b in zip(round_medians[v], base, strict=True)]
@@ -337,7 +366,8 @@ def run_phase(model_name: str, precision: str, args: argparse.Namespace) -> dict
         )
         print(
             f"  {model_name:9s} {precision:5s} {v:14s} step {e['step_ms']:8.1f} ms "
-            f"(IQR {e['step_ms_iqr'][0]:.1f}-{e['step_ms_iqr'][1]:.1f})  {ratio}",
+            f"(IQR {e['step_ms_iqr'][0]:.1f}-{e['step_ms_iqr'][1]:.1f})  {ratio}  "
+            f"saved {e['saved_bytes']['total'] / 2**20:.2f} MiB",
             flush=True,
         )
     print(f"  load average before/after: {phase['loadavg_before']} / {phase['loadavg_after']}", flush=True)
