@@ -65,6 +65,7 @@ class _Partitioner(_try_import_partitioner_base()):  # type: ignore[misc]
     def __init__(self, backend: MesaBackend, key_prefix: str) -> None:
         self.backend = backend
         self.key_prefix = key_prefix
+        self.cache_uuid: str | None = None  # set by MesaBackend.__call__ (actpass.cache.partitioner_uuid)
 
     def __call__(self, joint: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -78,10 +79,10 @@ class _Partitioner(_try_import_partitioner_base()):  # type: ignore[misc]
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
         return fw, bw
 
-    def uuid(self) -> None:
-        # NOTE: None disables Inductor's FX-graph/AOTAutograd caches for these graphs. On a cache hit the partitioner
-        # would not run, so the backend would record no plan and `actpass inspect` would report nothing.
-        return None
+    def uuid(self) -> str | None:
+        # Part of AOTAutograd's and Inductor's cache keys: it hashes the pass's source, the config and the graph
+        # metadata the analysis reads, so a cache entry is only ever served to the same rewrite (actpass/cache.py).
+        return self.cache_uuid
 
 
 class MesaBackend:
@@ -119,13 +120,7 @@ class MesaBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         partitioner = _Partitioner(self, _key_prefix(gm))
         if self.config.inner is Inner.INDUCTOR:
-            from torch._inductor.compile_fx import compile_fx
-
-            # NOTE: the AOTAutograd cache ignores the partitioner's uuid(); a hit would skip the partitioner, serve
-            # another process's rewritten graphs and record no plan. Measured on torch 2.13: without this patch the
-            # second process compiling the same model recorded 0 plans.
-            with torch._functorch.config.patch(enable_autograd_cache=False):
-                return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+            return self._compile_inductor(gm, example_inputs, partitioner)
         from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
 
@@ -133,6 +128,51 @@ class MesaBackend:
             return make_boxed_func(g.forward)
 
         return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partitioner)(gm, example_inputs)
+
+    def _compile_inductor(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: _Partitioner
+    ) -> Callable[..., Any]:
+        """compile_fx with mesa's partitioner, through AOTAutograd's cache; the plans are kept beside it."""
+        from torch._inductor.compile_fx import compile_fx
+
+        from actpass import cache
+
+        partitioner.cache_uuid = cache.partitioner_uuid(
+            self.config.to_dict(), self.store.name, partitioner.key_prefix, gm
+        )
+        key = cache.plan_key(partitioner.cache_uuid, gm, example_inputs)
+        patches = {"custom_partitioner_fn": partitioner}
+        plans_before, skips_before = len(self.plans), len(self.skips)
+        hits_before = _cache_hits()
+        # keep_graphs needs the rewrite to run (a cache hit has no graphs to keep).
+        with torch._functorch.config.patch(enable_autograd_cache=not self.keep_graphs and _cache_enabled()):
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if _cache_hits() == hits_before:
+            # Compiled here (a miss, or no cache): keep what the partitioner recorded (nothing for an inference graph)
+            # for the next process that hits this entry.
+            cache.save_plans(key, self.plans[plans_before:], self.skips[skips_before:])
+            return compiled
+        saved = cache.load_plans(key)
+        if saved is not None:
+            self._restore(*saved)
+            return compiled
+        # A cache hit whose plan is not on disk: compile again with the cache off, so the plan is recorded.
+        log.info("actpass: AOTAutograd cache hit without a saved plan; compiling again to record it")
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        cache.save_plans(key, self.plans[plans_before:], self.skips[skips_before:])
+        return compiled
+
+    def _restore(self, plans: list[GraphPlan], skips: list[GraphSkip]) -> None:
+        """Record plans loaded from the cache, renumbered after this backend's own graphs."""
+        ids = {}
+        for plan in plans:
+            ids[plan.graph_id] = new_id = len(self.plans)
+            name = f"graph {new_id}" if plan.name == f"graph {plan.graph_id}" else plan.name
+            restored = dataclasses.replace(plan, graph_id=new_id, name=name)
+            skip = next((s for s in skips if s.graph_id == plan.graph_id), None)
+            log.info("actpass: %s: plan restored with the compiled graphs from the cache", restored.name)
+            self._record(restored, dataclasses.replace(skip, graph_id=new_id) if skip is not None else None)
 
     def reset(self) -> None:
         """Forget recorded plans (running statistics stay in the store)."""
@@ -199,7 +239,12 @@ class _Fallback(Exception):
 def _all_kept(plan: GraphPlan, reason: Reason, detail: str) -> GraphPlan:
     tensors = tuple(
         dataclasses.replace(
-            t, decision=Decision.KEPT, reason=reason, detail=detail, bytes_after=t.bytes_before, bits=None,
+            t,
+            decision=Decision.KEPT,
+            reason=reason,
+            detail=detail,
+            bytes_after=t.bytes_before,
+            bits=None,
             stats_key="",
         )
         if t.quantized
@@ -207,6 +252,17 @@ def _all_kept(plan: GraphPlan, reason: Reason, detail: str) -> GraphPlan:
         for t in plan.tensors
     )
     return dataclasses.replace(plan, tensors=tensors)
+
+
+def _cache_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["aot_autograd"]["autograd_cache_hit"])
+
+
+def _cache_enabled() -> bool:
+    """AOTAutograd's cache setting as the user left it (mesa does not turn it on where it is off)."""
+    return bool(torch._functorch.config.enable_autograd_cache)
 
 
 def _key_prefix(gm: fx.GraphModule) -> str:
