@@ -6,10 +6,10 @@ least (input read once + output written) per second. A device-to-device copy (``
 input gives the bandwidth ceiling; ``frac_copy`` is the kernel's logical bandwidth as a fraction of it. Each
 quantize row also has ``roundtrip_frac_copy``: the copy's time over the quantize + dequantize time, i.e. the
 throughput of the round trip (tensor in, codes, tensor out) as a fraction of a copy's (issue 9's goal: >= 0.5 on
-[4096, 768] fp32 and bf16 with 1 thread, that is quantize + dequantize within two copies' time). ``clone_ms`` is an allocating copy (``x.clone()``), as
-the kernels allocate their outputs. On CPU every configuration is
-run with 1 intra-op thread and with all of them (``torch.get_num_threads()``): on a shared machine the single-thread
-numbers are the stable ones. Times are medians; ``*_min`` fields keep the best run.
+[4096, 768] fp32 and bf16 with 1 thread, that is quantize + dequantize within two copies' time). ``clone_ms`` is an
+allocating copy (``x.clone()``), as the kernels allocate their outputs. On CPU every configuration is run with 1
+intra-op thread and with all of them (``torch.get_num_threads()``): on a shared machine the single-thread numbers are
+the stable ones. Times are medians; ``*_min`` fields keep the best run.
 
 Usage::
 
