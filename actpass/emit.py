@@ -31,6 +31,12 @@ def use_fused(config: MesaConfig, x_val: torch.Tensor) -> bool:
     """
     if config.codec is Codec.KERNELS or config.inner is not Inner.INDUCTOR:
         return False
+    # NOTE: measured with tools/bench_step.py (CPU, 1 thread, interleaved rounds on a loaded 2-core machine), mesa 8-bit
+    # step / Inductor step, fused vs extension ops: fp32 vit 0.99 vs 1.09, gpt 1.02 vs 1.06, hf-gpt2 1.06 vs 1.01;
+    # bf16 autocast vit 1.20 vs 1.04, gpt 1.07 vs 1.08, hf-gpt2 1.16 vs 1.14. So fp32 tensors take the fused path
+    # and 16-bit ones the extension kernels (Inductor's bf16 code converts to fp32 and back around every op).
+    if x_val.dtype != torch.float32:
+        return False
     stochastic = config.rounding is Rounding.STOCHASTIC
     return _fused.eligible(x_val, stochastic, config.stats is Stats.RUNNING)
 
