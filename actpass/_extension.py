@@ -76,7 +76,7 @@ def compiler_flags() -> tuple[list[str], list[str], list[str]]:
         ``(cxx_flags, nvcc_flags, ld_flags)``.
     """
     # NOTE: no -march flags and no FMA contraction: the kernels must match _reference.py bit for bit on any host.
-    cxx = ["-O3", "-ffp-contract=off"]
+    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
     ld: list[str] = []
     if sys.platform.startswith("linux"):
         # at::parallel_for only runs in parallel when the extension itself is compiled with OpenMP; at run time the

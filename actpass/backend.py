@@ -116,6 +116,7 @@ class _Partitioner(_try_import_partitioner_base()):  # type: ignore[misc]
         self.backend = backend
         self.key_prefix = key_prefix
         self.input_names = input_names  # Dynamo graph inputs, in AOTAutograd's primals order
+        self.cache_uuid: str | None = None  # set by MesaBackend._compile_inductor (actpass.cache.partitioner_uuid)
 
     def __call__(self, joint: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -141,13 +142,11 @@ class _Partitioner(_try_import_partitioner_base()):  # type: ignore[misc]
         return fw, bw
 
     def uuid(self) -> str:
-        """What Inductor's FX-graph cache key holds for this partitioner: a hash of actpass's sources.
-
-        The key already holds the rewritten forward and backward graphs; what is not in them is how actpass's ops
-        lay out their outputs (fake kernels), hence the sources. The AOTAutograd cache stays off (``__call__`` of
-        MesaBackend): a hit there would skip the partitioner, and no plan would be recorded.
+        """Part of AOTAutograd's and Inductor's cache keys, so a cache entry is only ever served to the same rewrite:
+        a hash of the pass's sources, the config, the store and key prefix, the graph's metadata and which inputs are
+        handed-over activations (``actpass.cache.partitioner_uuid``); the sources' hash alone before that is known.
         """
-        return _sources_hash()
+        return self.cache_uuid or _sources_hash()
 
     # NOTE: Inductor's FX-graph cache key also pickles the whole inductor config, this object included. Pickled with
     # its backend, its bytes differed in every process, so mesa graphs never hit the cache. Pickled as its uuid, the
@@ -217,13 +216,7 @@ class MesaBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         partitioner = _Partitioner(self, _key_prefix(gm), _input_names(gm, example_inputs))
         if self.config.inner is Inner.INDUCTOR:
-            from torch._inductor.compile_fx import compile_fx
-
-            # NOTE: the AOTAutograd cache ignores the partitioner's uuid(); a hit would skip the partitioner, serve
-            # another process's rewritten graphs and record no plan. Measured on torch 2.13: without this patch the
-            # second process compiling the same model recorded 0 plans.
-            with torch._functorch.config.patch(enable_autograd_cache=False):
-                compiled = compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+            compiled = self._compile_inductor(gm, example_inputs, partitioner)
         else:
             from functorch.compile import make_boxed_func
             from torch._dynamo.backends.common import aot_autograd
@@ -285,6 +278,51 @@ class MesaBackend:
                 new.append(line)
                 warnings.warn(line, UserWarning, stacklevel=2)
         return new
+
+    def _compile_inductor(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: _Partitioner
+    ) -> Callable[..., Any]:
+        """compile_fx with mesa's partitioner, through AOTAutograd's cache; the plans are kept beside it."""
+        from torch._inductor.compile_fx import compile_fx
+
+        from actpass import cache
+
+        partitioner.cache_uuid = cache.partitioner_uuid(
+            self.config.to_dict(), self.store.name, partitioner.key_prefix, gm, partitioner.input_names
+        )
+        key = cache.plan_key(partitioner.cache_uuid, gm, example_inputs)
+        patches = {"custom_partitioner_fn": partitioner}
+        plans_before, skips_before = len(self.plans), len(self.skips)
+        hits_before = _cache_hits()
+        # keep_graphs needs the rewrite to run (a cache hit has no graphs to keep).
+        with torch._functorch.config.patch(enable_autograd_cache=not self.keep_graphs and _cache_enabled()):
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if _cache_hits() == hits_before:
+            # Compiled here (a miss, or no cache): keep what the partitioner recorded (nothing for an inference graph)
+            # for the next process that hits this entry.
+            cache.save_plans(key, self.plans[plans_before:], self.skips[skips_before:])
+            return compiled
+        saved = cache.load_plans(key)
+        if saved is not None:
+            self._restore(*saved)
+            return compiled
+        # A cache hit whose plan is not on disk: compile again with the cache off, so the plan is recorded.
+        log.info("actpass: AOTAutograd cache hit without a saved plan; compiling again to record it")
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        cache.save_plans(key, self.plans[plans_before:], self.skips[skips_before:])
+        return compiled
+
+    def _restore(self, plans: list[GraphPlan], skips: list[GraphSkip]) -> None:
+        """Record plans loaded from the cache, renumbered after this backend's own graphs."""
+        ids = {}
+        for plan in plans:
+            ids[plan.graph_id] = new_id = len(self.plans)
+            name = f"graph {new_id}" if plan.name == f"graph {plan.graph_id}" else plan.name
+            restored = dataclasses.replace(plan, graph_id=new_id, name=name)
+            skip = next((s for s in skips if s.graph_id == plan.graph_id), None)
+            log.info("actpass: %s: plan restored with the compiled graphs from the cache", restored.name)
+            self._record(restored, dataclasses.replace(skip, graph_id=new_id) if skip is not None else None)
 
     def reset(self) -> None:
         """Forget recorded plans (running statistics stay in the store)."""
@@ -488,6 +526,17 @@ def graph_budget(config: MesaConfig, facts: Any, plans: Sequence[GraphPlan]) -> 
         before = sum(f.nbytes for f in facts.storages if f.fixed is None or f.fixed[0] is not Reason.PARAM_OR_INPUT)
         return int(budget * (before + sum(p.saved_bytes_before for p in plans))) - spent
     return budget - spent
+
+
+def _cache_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["aot_autograd"]["autograd_cache_hit"])
+
+
+def _cache_enabled() -> bool:
+    """AOTAutograd's cache setting as the user left it (mesa does not turn it on where it is off)."""
+    return bool(torch._functorch.config.enable_autograd_cache)
 
 
 def _key_prefix(gm: fx.GraphModule) -> str:

@@ -30,6 +30,13 @@ class Inner(str, enum.Enum):
     EAGER = "eager"  # run the rewritten FX graphs as they are: for debugging
 
 
+class Codec(str, enum.Enum):
+    """How quantize/dequantize are emitted into the graphs (see ``actpass/emit.py``)."""
+
+    AUTO = "auto"  # Inductor fuses them (aten ops) where it can: inner="inductor", dynamic stats, nearest rounding
+    KERNELS = "kernels"  # always the C++/CUDA extension ops
+
+
 _BITS = (2, 4, 8)
 
 
@@ -119,6 +126,11 @@ class MesaConfig:
         "saved-activation budget: a byte count (int >= 1) or a fraction in (0, 1) of what the baseline partition "
         "saves; the planner then picks each tensor's precision by least estimated gradient error",
     )
+    codec: Codec = option(
+        Codec.AUTO,
+        "how quantize/dequantize enter the graphs: 'auto' (aten ops Inductor fuses into its kernels, where they "
+        "apply) or 'kernels' (the C++/CUDA extension ops everywhere)",
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -127,6 +139,7 @@ class MesaConfig:
         set_(self, "stats", _enum(Stats, "stats", self.stats))
         set_(self, "rounding", _enum(Rounding, "rounding", self.rounding))
         set_(self, "inner", _enum(Inner, "inner", self.inner))
+        set_(self, "codec", _enum(Codec, "codec", self.codec))
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
             raise ValueError(f"actpass: decay must be a number in [0, 1), got {self.decay!r}")
         set_(self, "decay", float(self.decay))

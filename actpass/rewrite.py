@@ -34,9 +34,10 @@ import operator
 import torch
 import torch.fx as fx
 
+from actpass import emit as _emit
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass.analysis import GraphFacts, StorageFacts, storage_root, view_chain
-from actpass.config import MesaConfig, Rounding
+from actpass.config import MesaConfig
 from actpass.plan import GraphPlan, SavedTensor
 from actpass.symbols import SymSource
 
@@ -150,6 +151,7 @@ class _Rewriter:
             xv.meta["val"] = x.meta["val"].view(qview)
             x = anchor = xv
         outs_new: list[fx.Node] = []
+        fused = False
         if first.bits == 1:  # a bool mask: one packed tensor
             with mode:
                 vals = (torch.ops.actpass.pack_mask.default(x.meta["val"]),)
@@ -160,22 +162,11 @@ class _Rewriter:
             names = [qnode.name]
             outs_new.append(qnode)
         else:
-            stochastic = self.config.rounding is Rounding.STOCHASTIC
-            args = (x, first.bits, first.gend, first.groups, stochastic, first.stats_key, self.config.decay)
-            with mode:
-                vals = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
-            with graph.inserting_after(anchor):
-                qnode = graph.call_function(torch.ops.actpass.quantize_saved.default, args)
-            qnode.meta["val"] = vals
+            fused = _emit.use_fused(self.config, x.meta["val"])
             names = [_unique(f"{root.name}_actpass_{s}", graph, self.bw.graph) for s in ("q", "s", "lo")]
-            prev = qnode
-            for i, (nm, v) in enumerate(zip(names, vals, strict=True)):
-                with graph.inserting_after(prev):
-                    g = graph.call_function(operator.getitem, (qnode, i))
-                g.name = nm
-                g.meta["val"] = v
-                outs_new.append(g)
-                prev = g
+            outs_new = _emit.emit_quantize(graph, x, first, self.config, names, fused, after=anchor)
+            names = [n.name for n in outs_new]
+            vals = tuple(n.meta["val"] for n in outs_new)
         self.replace_out[first.name] = outs_new
         for t in members[1:]:
             self.replace_out[t.name] = []
@@ -190,27 +181,24 @@ class _Rewriter:
             p.meta["val"] = v
             new_ph.append(p)
             self.syms.add(p)
-        return root, new_ph, (x.meta["val"], qview)
+        return root, new_ph, (x.meta["val"], qview, fused)
 
     def dequantize_backward(self, members: list[SavedTensor], root: fx.Node, new_ph, qinfo, at: fx.Node) -> None:
         first = members[0]
         rval = root.meta["val"]
         mode = _fake_mode(rval)
-        xval, qview = qinfo
+        xval, qview, fused = qinfo
         graph = self.bw.graph
         with graph.inserting_before(at):
             if first.bits == 1:
                 shape = [self.syms.emit(d, d) for d in xval.shape]
                 deq = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
+                with mode:
+                    deq.meta["val"] = torch.empty(xval.shape, dtype=rval.dtype, device=rval.device)
             else:
                 last = xval.shape[-1]
                 last_arg = self.syms.emit(last, last)
-                deq = graph.call_function(
-                    torch.ops.actpass.dequantize.default,
-                    (new_ph[0], new_ph[1], new_ph[2], first.bits, first.gend, last_arg, rval.dtype),
-                )
-            with mode:
-                deq.meta["val"] = torch.empty(xval.shape, dtype=rval.dtype, device=rval.device)
+                deq = _emit.emit_dequantize(graph, new_ph, first, last_arg, xval.shape, rval.dtype, fused, at)
             y = deq
             if qview is not None:  # back from the grouping view to the root's (memory-order) shape
                 pshape = rval.permute(first.perm).shape if first.perm else rval.shape
