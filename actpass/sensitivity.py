@@ -51,6 +51,11 @@ def coefficient(role: Role, layout: str, bits: int) -> float:
     return float(t["default"][key])
 
 
-def estimate(role: Role, layout: str, bits: int, share: float) -> float:
-    """Expected contribution to the global relative gradient error (see the module docstring)."""
+def estimate(role: Role, layout: str, bits: int | None, share: float) -> float:
+    """Expected contribution to the global relative gradient error (see the module docstring).
+
+    Lossless storage (1-bit packed bool masks, ``layout == "bits"``) and exact storage (``bits`` None) add none.
+    """
+    if bits is None or layout == "bits" or bits not in (2, 4, 8):
+        return 0.0
     return math.sqrt(max(coefficient(role, layout, bits), 0.0) * max(share, 0.0))

@@ -139,7 +139,14 @@ def run_unit(unit: tuple[str, int, int, list[str], int, int]) -> dict[str, Any]:
     order = sorted(configs, key=lambda c: c != "inductor")
     for config in order:
         t0 = time.perf_counter()
-        r = train(t, config, ref, log_every)
+        try:
+            r = train(t, config, ref, log_every)
+        except Exception as e:  # noqa: BLE001 - a benchmark records what failed and goes on
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            msg = next((ln for ln in lines if "actpass" in ln), lines[-1] if lines else repr(e))
+            runs[config] = {"seed": seed, "failed": f"{type(e).__name__}: {msg}"}
+            print(f"{name} seed {seed} {config:18s} FAILED {runs[config]['failed']}", flush=True)
+            continue
         g = r.pop("_grads")
         if config == "inductor":
             ref = g
@@ -162,7 +169,10 @@ def aggregate(units: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]
         us.sort(key=lambda u: u["seed"])
         rows: dict[str, Any] = {}
         for c in configs:
-            runs = [u["runs"][c] for u in us if c in u["runs"]]
+            failed = [u["runs"][c]["failed"] for u in us if "failed" in u["runs"].get(c, {})]
+            runs = [u["runs"][c] for u in us if c in u["runs"] and "failed" not in u["runs"][c]]
+            if failed:
+                rows[c] = {"failed": failed}
             if not runs:
                 continue
             row: dict[str, Any] = {
@@ -175,14 +185,14 @@ def aggregate(units: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]
             }
             if "plans" in runs[0]:
                 row["plans"] = runs[0]["plans"]
-            base = [u["runs"].get("inductor") for u in us if c in u["runs"]]
+            base = [u["runs"].get("inductor") for u in us if c in u["runs"] and "failed" not in u["runs"][c]]
             if all(b is not None for b in base):
                 for key in ("final_loss", "eval_loss"):
                     ratios = [r[key] / b[key] for r, b in zip(runs, base, strict=True)]
                     row[f"{key}_ratio"] = sum(ratios) / len(ratios)
                     row[f"{key}_ratios"] = ratios
                 row["bytes_ratio"] = base[0]["saved_bytes"] / max(runs[0]["saved_bytes"], 1)
-            rows[c] = row
+            rows[c] = {**row, **({"failed": failed} if failed else {})}
         out[name] = rows
     return out
 
@@ -196,6 +206,9 @@ def table(results: dict[str, Any]) -> str:
     lines += [head, "-" * len(head)]
     for name, rows in results["summary"].items():
         for c, r in rows.items():
+            if "final_loss" not in r:
+                lines.append(f"{name:13s} {c:18s} FAILED: {r['failed'][0]}")
+                continue
 
             def rng(key: str, r=r) -> str:
                 v = r.get(f"{key}_ratios")
@@ -229,7 +242,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for u in results["units"]:
             if u["task"] == name:
                 for c, r in u["runs"].items():
-                    curves.setdefault(c, []).append(r["losses"])
+                    if "losses" in r:
+                        curves.setdefault(c, []).append(r["losses"])
         for c, cs in curves.items():
             y = torch.tensor(cs).mean(0)
             k = min(25, len(y))
