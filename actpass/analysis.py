@@ -491,8 +491,18 @@ def _is_param_vector(node: fx.Node) -> bool:
     return n.op == "placeholder" and v is not None and v.dim() == 1
 
 
+_SOFTMAX_INPUT_OPS = {aten._log_softmax.default, aten._softmax.default, aten.amax.default, aten.logsumexp.default}
+
+
+def _feeds_softmax(root: fx.Node, members) -> bool:
+    """Whether the storage is what a (log-)softmax reads: its row max (Inductor's decomposition) or the op itself."""
+    return _feeds(root, members, lambda u, n: u.target in _SOFTMAX_INPUT_OPS and u.args and u.args[0] is n, depth=3)
+
+
 def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
     """The role of a graph input that is an activation (no producer in this graph): from how it is used."""
+    if _feeds_softmax(root, members):
+        return Role.LOGITS
     if _feeds(root, members, lambda u, n: u.target in _ROW_NORM_OPS and u.args and u.args[0] is n, depth=2):
         return Role.NORM_INPUT
     if _feeds(root, members, lambda u, n: u.target in _ACT_FUNCS, depth=6):
@@ -558,6 +568,8 @@ def classify(root: fx.Node, members: list[fx.Node]) -> Role:
     shape = list(val.shape)
     if len(shape) == 4 and any(h in name for h in _CONV_HINTS):
         return Role.CONV
+    if len(shape) <= 3 and _feeds_softmax(root, members):
+        return Role.LOGITS
     if _feeds(root, members, lambda u, n: u.target in _ROW_NORM_OPS and u.args and u.args[0] is n, depth=2):
         return Role.NORM_INPUT
     if _feeds(root, members, lambda u, n: _is_sdpa(u) and n in u.args[:3], depth=3):

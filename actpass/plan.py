@@ -41,6 +41,7 @@ class Role(str, enum.Enum):
     NORM_OUTPUT = "norm-out"  # normalization output, after the affine weight/bias
     PROBS = "probs"  # softmax output (attention probabilities)
     LOG_PROBS = "log-probs"  # log_softmax output
+    LOGITS = "logits"  # the scores a (log-)softmax reads: a language model's logits before its loss
     QKV = "qkv"  # attention query/key/value
     ATTN_OUT = "attn-out"  # attention output (sdpa output, or probabilities @ values), input of the output projection
     ACT_INPUT = "act-in"  # input of a nonlinearity (GELU/SiLU/ReLU/tanh...), e.g. the first MLP linear's output

@@ -439,6 +439,7 @@ FLAG_VALUES = {
     "quantize_outputs": (["--no-quantize-outputs"], False),
     "recompute": (["--no-recompute"], False),
     "budget": (["--budget", "0.25"], 0.25),
+    "codec": (["--codec", "kernels"], "kernels"),
 }
 
 

@@ -60,6 +60,8 @@ torch.library.register_fake("actpass_probe::qdq", _qdq_fake, lib=_LIB)
 
 def qdq_fn(f: StorageFacts, opt: Option, zero_preserve: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """Quantize -> dequantize ``f``'s root exactly as the planner's option ``opt`` would store it."""
+    if opt.bits == 1:  # a bool mask packed to bits: lossless
+        return lambda x: x
     perm = f.perm
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +110,9 @@ class ProbeBackend(MesaBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.facts: list[GraphFacts] = _Unpickled()
+        # Never through AOTAutograd's cache: an entry is keyed by the pass and the config, not by this subclass, so a
+        # hit would serve mesa's real rewrite (and this backend would record no facts).
+        self.keep_graphs = True
 
     def _rewrite(self, fw, bw, num_fwd_outputs, *, is_body, key_prefix, input_names=None, **_kw):  # noqa: D401
         facts = gather_facts(fw, num_fwd_outputs, bw, activation_inputs=activation_inputs(input_names))

@@ -50,16 +50,29 @@ BITS = (8, 4, 2)
 class Probe:
     """One task compiled once with the probe backend; :meth:`error` runs a step under a spec and compares."""
 
-    def __init__(self, name: str, seed: int = 0, autocast: bool = False) -> None:
+    def __init__(self, name: str, seed: int = 0, autocast: bool = False, train_steps: int = 0) -> None:
         torch._dynamo.reset()
-        self.task = suite.task(name, 1, seed)
+        self.task = suite.task(name, train_steps + 1, seed)
         self.model = self.task.build()
         self.init = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.batch = self.task.batches[0]
         self.backend = _probe.ProbeBackend(actpass.MesaConfig())
         self.compiled = torch.compile(self.model, backend=self.backend)
         self.autocast = autocast
         _probe.SPECS.clear()
         self.grads()  # compile, and let a model that changes its own config on the first call recompile now
+        if train_steps:
+            # Exact training first: quantization error grows as a model trains (logits spread, attention sharpens).
+            opt = torch.optim.AdamW(self.model.parameters(), lr=self.task.lr, weight_decay=0.01)
+            torch.manual_seed(seed)
+            for b in self.task.batches[:train_steps]:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = self.task.loss(self.compiled, b)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            self.init = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.batch = self.task.batches[train_steps]
         self.exact = self.grads()
 
     def grads(self) -> dict[str, torch.Tensor]:
@@ -67,7 +80,7 @@ class Probe:
         self.model.zero_grad(set_to_none=True)
         torch.manual_seed(0)  # dropout masks: the same in every run
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            loss = self.task.loss(self.compiled, self.task.batches[0])
+            loss = self.task.loss(self.compiled, self.batch)
         loss.backward()
         return {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
 
@@ -121,11 +134,16 @@ def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
 
 
 def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "geomean") -> dict[str, Any]:
-    values: dict[tuple[str, str, str], list[float]] = {}
+    # Per task, the largest value over its checkpoints (a model is most sensitive once trained); then over tasks.
+    per_task: dict[tuple[str, str, str, str], float] = {}
     for r in rows:
         if r["layout"] == "recompute":
             continue
-        values.setdefault((r["role"], r["layout"], str(r["bits"])), []).append(max(r["s"], 1e-30))
+        key = (r.get("task", ""), r["role"], r["layout"], str(r["bits"]))
+        per_task[key] = max(per_task.get(key, 0.0), max(r["s"], 1e-30))
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for (_task, role, layout, bits), v in per_task.items():
+        values.setdefault((role, layout, bits), []).append(v)
     s: dict[str, dict[str, dict[str, float]]] = {}
     for (role, layout, key), vs in values.items():
         if aggregate == "max":
@@ -223,6 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "sensitivity-cpu.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
+        "--train-steps",
+        type=int,
+        nargs="+",
+        default=[0, 150],
+        help="measure at these checkpoints of exact training (default: %(default)s)",
+    )
+    ap.add_argument(
         "--aggregate",
         choices=("geomean", "median", "upper", "max"),
         default="geomean",
@@ -262,12 +287,13 @@ def main(argv: list[str] | None = None) -> None:
             log(f"wrote {sensitivity.DATA}")
         args.check_only = True
     for name in args.tasks:
-        log(f"{name}: compiling the probe ...")
-        probes[name] = Probe(name)
-        if not args.check_only:
-            r = measure_roles(probes[name], log)
-            results["roles"][name] = r
-            rows += [dict(x, task=name) for x in r]
+        for steps in args.train_steps:
+            log(f"{name}: compiling the probe, {steps} steps of exact training ...")
+            probes[(name, steps)] = Probe(name, train_steps=steps)
+            if not args.check_only:
+                r = [dict(x, checkpoint=steps) for x in measure_roles(probes[(name, steps)], log)]
+                results["roles"].setdefault(name, []).extend(r)
+                rows += [dict(x, task=name) for x in r]
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive a failure
     if not args.check_only:
@@ -277,9 +303,9 @@ def main(argv: list[str] | None = None) -> None:
             sensitivity.DATA.write_text(json.dumps(table, indent=1) + "\n")
             sensitivity.table.cache_clear()
             log(f"wrote {sensitivity.DATA}")
-    for name, p in probes.items():
-        log(f"{name}: the error model, checked")
-        results["check"][name] = check_model(p, log)
+    for (name, steps), p in probes.items():
+        log(f"{name} after {steps} steps: the error model, checked")
+        results["check"][f"{name}@{steps}"] = check_model(p, log)
     results["seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
