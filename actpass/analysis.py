@@ -496,7 +496,8 @@ _SOFTMAX_INPUT_OPS = {aten._log_softmax.default, aten._softmax.default, aten.ama
 
 def _feeds_softmax(root: fx.Node, members) -> bool:
     """Whether the storage is what a (log-)softmax reads: its row max (Inductor's decomposition) or the op itself."""
-    return _feeds(root, members, lambda u, n: u.target in _SOFTMAX_INPUT_OPS and u.args and u.args[0] is n, depth=3)
+    # depth 5: attention scores reach the softmax through a view, the scale, the mask
+    return _feeds(root, members, lambda u, n: u.target in _SOFTMAX_INPUT_OPS and u.args and u.args[0] is n, depth=5)
 
 
 def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
@@ -551,6 +552,9 @@ def classify(root: fx.Node, members: list[fx.Node]) -> Role:
         and all(is_view_node(n) or n.target in _CAST_OPS for n in inner)
     ):
         return Role.CAST
+    # Softmax probabilities further on (dropout applied, a cast): exp(x - max) / sum in the cone.
+    if any(n.target is aten.div.Tensor and _through_views(n.args[0]).target is aten.exp.default for n in inner):
+        return Role.PROBS
     # Normalization: a multiplication by a per-row statistic (rstd) in the elementwise cone.
     normed = any(
         n.target in (aten.mul.Tensor, aten.div.Tensor) and any(_is_row_shaped(a) for a in _input_nodes(n))

@@ -131,6 +131,8 @@ def quantized_option(
         kind: a layout other than the role's ("head", "row", "channel", "conv"), for measurements.
         row_block: rows per group for per-row layouts, instead of the planner's choice.
     """
+    if f.role is Role.BOOL_MASK:
+        return None  # bool tensors have one option: mask_option (1 bit per element)
     running = config.stats is Stats.RUNNING
     ms = list(f.mshape)
     kind = kind or ROLE_LAYOUT.get(f.role, "channel")

@@ -128,7 +128,7 @@ class ProbeBackend(MesaBackend):
         replaced: dict[str, fx.Node] = {}
         storages = sorted(facts.storages, key=lambda s: s.position)
         for f in storages:
-            if f.fixed is not None or f.is_output:
+            if f.fixed is not None:
                 continue
             root = nodes[f.root]
             anchor = root
@@ -175,7 +175,7 @@ class ProbeBackend(MesaBackend):
 
     def storages(self, graph: int = 0) -> list[StorageFacts]:
         """The probed storages of compiled graph ``graph``."""
-        return [f for f in self.facts[graph].storages if f.fixed is None and not f.is_output]
+        return [f for f in self.facts[graph].storages if f.fixed is None]
 
 
 class _Unpickled(list):
