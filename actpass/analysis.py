@@ -572,8 +572,11 @@ def classify(root: fx.Node, members: list[fx.Node]) -> Role:
     shape = list(val.shape)
     if len(shape) == 4 and any(h in name for h in _CONV_HINTS):
         return Role.CONV
-    if len(shape) <= 3 and _feeds_softmax(root, members):
-        return Role.LOGITS
+    if _feeds_softmax(root, members):
+        if len(shape) >= 3 and hint(shape[-1]) == hint(shape[-2]):
+            return Role.SCORES
+        if len(shape) <= 3:
+            return Role.LOGITS
     if _feeds(root, members, lambda u, n: u.target in _ROW_NORM_OPS and u.args and u.args[0] is n, depth=2):
         return Role.NORM_INPUT
     if _feeds(root, members, lambda u, n: _is_sdpa(u) and n in u.args[:3], depth=3):

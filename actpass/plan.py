@@ -41,7 +41,8 @@ class Role(str, enum.Enum):
     NORM_OUTPUT = "norm-out"  # normalization output, after the affine weight/bias
     PROBS = "probs"  # softmax output (attention probabilities)
     LOG_PROBS = "log-probs"  # log_softmax output
-    LOGITS = "logits"  # the scores a (log-)softmax reads: a language model's logits before its loss
+    LOGITS = "logits"  # what a (log-)softmax over classes reads: a language model's logits before its loss
+    SCORES = "scores"  # attention scores [.., N, N] that backward turns into probabilities again (softmax)
     QKV = "qkv"  # attention query/key/value
     ATTN_OUT = "attn-out"  # attention output (sdpa output, or probabilities @ values), input of the output projection
     ACT_INPUT = "act-in"  # input of a nonlinearity (GELU/SiLU/ReLU/tanh...), e.g. the first MLP linear's output

@@ -69,6 +69,10 @@ ROLE_BITS: dict[Role, dict[int, int]] = {
 }
 
 _STATS_BYTES = 8  # fp32 scale and low end per group
+# NOTE: with bits=8, a storage whose codes the error model puts above this share of the gradient stays exact. The
+# sensitivities come from models trained for a while (tools/measure_sensitivity.py): HF GPT-2's attention scores,
+# re-softmaxed in backward, measured 4.8% at 8 bits after 60 steps (0.01% at initialisation).
+EXACT_ABOVE = 0.005
 # NOTE: per-channel statistics cost 8 bytes per channel against `rows` code bytes per channel: 1.6% on the examples'
 # 512-row activations, which put mesa (3.697x) behind PyTorch's fp8 pass on GPT. Adjacent channels then share a group
 # until statistics are under 0.5% of the codes; at training sizes (thousands of rows) every channel keeps its own.
@@ -155,9 +159,12 @@ def quantized_option(
         layout = Layout.PER_ROW
         row_block = requested_block
         if row_block is None:
-            # NOTE: rows share a group only where it measured harmless: a LayerNorm input's rows differ in scale
-            # (ViT's class token ~22x smaller: 4-row groups raised that tensor's error 0.05% -> 0.92%).
-            row_block = 1 if f.role is Role.NORM_INPUT else _row_block(math.prod(ms[:-1]), ms[-1], bits)
+            # NOTE: rows share a group only where it measured harmless. A LayerNorm input's rows differ in scale
+            # (ViT's class token ~22x smaller: 4-row groups raised that tensor's error 0.05% -> 0.92%); softmax inputs
+            # and outputs sharpen as a model trains (HF GPT-2 after 60 steps, 8-bit probabilities 0.36% per row,
+            # 0.75% per 4 rows; the LM logits 0.15% vs 0.38%).
+            exact_rows = (Role.NORM_INPUT, Role.PROBS, Role.LOGITS, Role.SCORES)
+            row_block = 1 if f.role in exact_rows else _row_block(math.prod(ms[:-1]), ms[-1], bits)
         if math.prod(ms[:-1]) % row_block:
             return None
         gend, groups = len(ms) - 1, -1
@@ -376,6 +383,13 @@ def plan_graph(
                 choice[f.root] = _kept(f, Reason.SENSITIVE, f"{f.role.value}: kept exact at bits={config.bits}")
                 continue
             opt = best_option(coupled(quantized_options(f, bits, config, share), f))
+            if opt is not None and opt.err > EXACT_ABOVE:
+                choice[f.root] = _kept(
+                    f,
+                    Reason.SENSITIVE,
+                    f"{bits}-bit codes estimated at {opt.err:.2%} of the gradient ({f.role.value}): kept exact",
+                )
+                continue
             if opt is not None and opt.bytes >= f.nbytes:
                 choice[f.root] = _kept(f, Reason.TOO_SMALL, f"codes+statistics ({opt.bytes} B) >= {f.nbytes} B")
                 continue
