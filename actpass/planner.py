@@ -32,6 +32,8 @@ import logging
 import math
 from collections.abc import Sequence
 
+import torch
+
 from actpass import _reference, sensitivity
 from actpass.analysis import GraphFacts, StorageFacts, _op_short, producer_name, shape_repr, source_line
 from actpass.config import MesaConfig, Stats
@@ -214,6 +216,21 @@ def mask_option(f: StorageFacts) -> Option | None:
     return Option(Decision.QUANTIZED, 1, (_numel(f) + 7) // 8, 0.0, detail="1 bit per element (lossless)", kind="bits")
 
 
+# NOTE: half precision halves a float32 tensor with a relative rounding of 2**-11, where 8-bit codes round to 1/255 of
+# the group's range; the error model scales the best 8-bit estimate by that ratio. Only for values known to fit
+# float16 (probabilities in [0, 1]): an overflow would be inf, silently.
+_HALF_ROLES = (Role.PROBS,)
+
+
+def half_option(f: StorageFacts, config: MesaConfig, share: float) -> Option | None:
+    """float32 probabilities stored as float16: half the bytes, ~2**-11 relative rounding."""
+    if f.role not in _HALF_ROLES or f.dtype is not torch.float32:
+        return None
+    best8 = best_option(quantized_options(f, 8, config, share))
+    err = (best8.err if best8 is not None else 0.0) * 255 / 2048
+    return Option(Decision.QUANTIZED, 16, _numel(f) * 2, err, detail="float16 (half precision)", kind="half")
+
+
 def quantized_options(f: StorageFacts, bits: int, config: MesaConfig, share: float) -> list[Option]:
     """Every statistics layout ``f`` can take at ``bits``: per row, per channel, per head, per (sample, channel)."""
     if f.role is Role.BOOL_MASK:
@@ -384,6 +401,11 @@ def plan_graph(
                 continue
             opt = best_option(coupled(quantized_options(f, bits, config, share), f))
             if opt is not None and opt.err > EXACT_ABOVE:
+                half = half_option(f, config, share)
+                if half is not None and half.err <= EXACT_ABOVE:
+                    why = f"{bits}-bit codes estimated at {opt.err:.2%} of the gradient ({f.role.value})"
+                    choice[f.root] = (dataclasses.replace(half, detail=f"{half.detail}: {why}"), Reason.SENSITIVE)
+                    continue
                 choice[f.root] = _kept(
                     f,
                     Reason.SENSITIVE,
@@ -400,6 +422,9 @@ def plan_graph(
             widths = (8, 4, 2) if budget_bytes is not None else tuple(b for b in (8, 4, 2) if b >= config.bits)
             for b in widths if f.role is not Role.BOOL_MASK else (1,):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
+            half = half_option(f, config, share)
+            if half is not None:
+                opts.append(half)
             candidates[f.root] = coupled(opts, f)
             if budget_bytes is None:  # bits=4 or 2: what every storage would cost at that width
                 at_bits = best_option([o for o in opts if o.bits in (config.bits, 1)])
@@ -569,7 +594,7 @@ def _records(
         quantized = opt.decision is Decision.QUANTIZED
         first = i == 0
         stats_key = ""
-        if quantized and opt.bits != 1 and config.stats is Stats.RUNNING:
+        if quantized and opt.bits in (2, 4, 8) and config.stats is Stats.RUNNING:
             stats_key = f"{store_name}/{key_prefix}{f.tensor_id}"
         tensors.append(
             SavedTensor(

@@ -152,7 +152,17 @@ class _Rewriter:
             x = anchor = xv
         outs_new: list[fx.Node] = []
         fused = False
-        if first.bits == 1:  # a bool mask: one packed tensor
+        if first.bits == 16:  # half precision: a cast, which Inductor fuses
+            half = torch.ops.prims.convert_element_type.default
+            with mode:
+                vals = (half(x.meta["val"], torch.float16),)
+            with graph.inserting_after(anchor):
+                qnode = graph.call_function(half, (x, torch.float16))
+            qnode.meta["val"] = vals[0]
+            qnode.name = _unique(f"{root.name}_actpass_half", graph, self.bw.graph)
+            names = [qnode.name]
+            outs_new.append(qnode)
+        elif first.bits == 1:  # a bool mask: one packed tensor
             with mode:
                 vals = (torch.ops.actpass.pack_mask.default(x.meta["val"]),)
             with graph.inserting_after(anchor):
@@ -190,7 +200,12 @@ class _Rewriter:
         xval, qview, fused = qinfo
         graph = self.bw.graph
         with graph.inserting_before(at):
-            if first.bits == 1:
+            if first.bits == 16:
+                cast = torch.ops.prims.convert_element_type.default
+                deq = graph.call_function(cast, (new_ph[0], rval.dtype))
+                with mode:
+                    deq.meta["val"] = cast(new_ph[0].meta["val"], rval.dtype)
+            elif first.bits == 1:
                 shape = [self.syms.emit(d, d) for d in xval.shape]
                 deq = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
                 with mode:

@@ -57,5 +57,5 @@ def estimate(role: Role, layout: str, bits: int | None, share: float) -> float:
     Lossless storage (1-bit packed bool masks, ``layout == "bits"``) and exact storage (``bits`` None) add none.
     """
     if bits is None or layout == "bits" or bits not in (2, 4, 8):
-        return 0.0
+        return 0.0  # exact, bool masks (lossless) and float16 (estimated by the planner from the 8-bit value)
     return math.sqrt(max(coefficient(role, layout, bits), 0.0) * max(share, 0.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 from _models import Block, TinyLM, grads, rel_err
 
 import actpass
+from actpass import planner
 from actpass.plan import Decision, Reason, Role
 from actpass.planner import BudgetError, Option, solve_budget
 
@@ -218,3 +220,26 @@ def test_solver_reports_infeasible():
 
 def test_budget_error_type():
     assert issubclass(BudgetError, ValueError)
+
+
+def test_half_precision_probabilities(monkeypatch):
+    """Probabilities whose 8-bit codes the error model finds too coarse are stored as float16 (half the bytes)."""
+    torch.manual_seed(0)
+    model = Block(64, 4, "eager")
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 33, 64)
+    monkeypatch.setattr(planner, "EXACT_ABOVE", 1e-12)
+    real = planner.half_option
+
+    def half_free(f, config, share):
+        o = real(f, config, share)
+        return None if o is None else dataclasses.replace(o, err=0.0)
+
+    monkeypatch.setattr(planner, "half_option", half_free)
+    be = _compile(model, x)
+    probs = [t for t in be.plans[0].tensors if t.role is Role.PROBS and t.bytes_before]
+    assert probs and all(t.bits == 16 and t.bytes_after * 2 == t.bytes_before for t in probs), probs
+    assert all(t.reason is Reason.SENSITIVE for t in probs)
+    torch.compile(ref, backend="inductor")(x).pow(2).mean().backward()
+    # everything else exact (the threshold is ~0): only float16 rounding of the probabilities is left
+    assert rel_err(grads(model), grads(ref)) < 2e-3

@@ -62,6 +62,8 @@ def qdq_fn(f: StorageFacts, opt: Option, zero_preserve: bool = True) -> Callable
     """Quantize -> dequantize ``f``'s root exactly as the planner's option ``opt`` would store it."""
     if opt.bits == 1:  # a bool mask packed to bits: lossless
         return lambda x: x
+    if opt.bits == 16:  # half precision
+        return lambda x: x.to(torch.float16).to(x.dtype)
     perm = f.perm
 
     def fn(x: torch.Tensor) -> torch.Tensor:
