@@ -121,6 +121,11 @@ class MesaConfig:
         "rebuild cheap elementwise results (LayerNorm affine outputs, GELU/SiLU outputs, casts of parameters) in "
         "backward from tensors stored anyway, instead of storing them",
     )
+    max_error: float = option(
+        0.005,
+        "bits=8: the one-step gradient error (relative L2) the error model may estimate per graph; above it, the "
+        "storages whose 8-bit codes cost the most error per byte get float16 or stay exact. 'inf': 8 bits everywhere",
+    )
     budget: int | float | None = option(
         None,
         "saved-activation budget: a byte count (int >= 1) or a fraction in (0, 1) of what the baseline partition "
@@ -147,6 +152,9 @@ class MesaConfig:
             raise ValueError(f"actpass: min_bytes must be a non-negative integer, got {self.min_bytes!r}")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"actpass: recompute must be true or false, got {self.recompute!r}")
+        if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or not self.max_error > 0:
+            raise ValueError(f"actpass: max_error must be a positive number (or inf), got {self.max_error!r}")
+        set_(self, "max_error", float(self.max_error))
         set_(self, "budget", _budget(self.budget))
         if not isinstance(self.quantize_outputs, bool):
             raise ValueError(f"actpass: quantize_outputs must be true or false, got {self.quantize_outputs!r}")

@@ -71,13 +71,13 @@ ROLE_BITS: dict[Role, dict[int, int]] = {
 }
 
 _STATS_BYTES = 8  # fp32 scale and low end per group
-# NOTE: with bits=8, the estimated one-step gradient error of each graph is held under this target: where 8-bit codes
+# NOTE: with bits=8, the estimated one-step gradient error of each graph is held under a target: where 8-bit codes
 # everywhere would pass it, the storages whose codes cost the most error per byte saved get float16 or stay exact.
 # The sensitivities are the largest over the training suite and over checkpoints of exact training
 # (tools/measure_sensitivity.py): after 150 steps, HF GPT-2's 8-bit softmax probabilities measured 75% of the
 # gradient (0.003% at initialisation), its attention scores 5.6%, HF Llama's q/k/v (re-softmaxed by sdpa's backward)
 # 2.4%. A per-storage threshold let a deep model quantize every layer's q/k/v, each under it, whose errors add up.
-ERROR_TARGET = 0.005
+# The target is MesaConfig.max_error (default 0.5%).
 # NOTE: per-channel statistics cost 8 bytes per channel against `rows` code bytes per channel: 1.6% on the examples'
 # 512-row activations, which put mesa (3.697x) behind PyTorch's fp8 pass on GPT. Adjacent channels then share a group
 # until statistics are under 0.5% of the codes; at training sizes (thousands of rows) every channel keeps its own.
@@ -431,8 +431,8 @@ def plan_graph(
     plan_budget, reachable = None, None
     if budget_bytes is None and config.bits == 8:
         # bits=8: 8-bit codes everywhere, except where the estimated error of the whole graph would pass
-        # ERROR_TARGET: there the cheapest error reductions per byte (float16, then exact) are bought first.
-        for root, opt in meet_error(candidates, ERROR_TARGET).items():
+        # config.max_error: there the cheapest error reductions per byte (float16, then exact) are bought first.
+        for root, opt in meet_error(candidates, config.max_error).items():
             if opt.bits == 8:
                 choice[root] = (opt, Reason.QUANTIZED)
                 continue

@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="sequences per rank and step (default: %(default)s)")
     p.add_argument("--bits", type=int, choices=(2, 4, 8), default=8, help="mesa code width (default: %(default)s)")
     p.add_argument(
+        "--max-error",
+        type=float,
+        default=0.005,
+        help="mesa bits=8: estimated one-step gradient error allowed per graph ('inf': codes everywhere; "
+        "default: %(default)s)",
+    )
+    p.add_argument(
         "--stats", choices=("dynamic", "running"), default="dynamic", help="mesa statistics (default: %(default)s)"
     )
     p.add_argument(
@@ -110,7 +117,9 @@ def make_backend(args: argparse.Namespace):
         return args.backend
     import actpass
 
-    return actpass.mesa(bits=args.bits, stats=args.stats, rounding=args.rounding, inner=args.inner)
+    return actpass.mesa(
+        bits=args.bits, stats=args.stats, rounding=args.rounding, inner=args.inner, max_error=args.max_error
+    )
 
 
 def wrap(model: nn.Module, args: argparse.Namespace, backend, device: torch.device) -> nn.Module:

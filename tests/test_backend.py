@@ -52,7 +52,9 @@ def test_fp32_matches_eager_within_int8_error(attn, inner):
     torch.manual_seed(0)
     model = Block(384, 6, attn)
     x = torch.randn(2, 50, 384)
-    be = actpass.mesa(inner=inner)
+    # max_error=inf: 8-bit codes for every storage that can take them (the default keeps the attention path exact
+    # on a model this small, where each storage is a large share of the error estimate).
+    be = actpass.mesa(inner=inner, max_error=float("inf"))
     loss, ref_loss, out, ref_out, g, g_ref = compare(model, x, be)
     # Forward stays exact (up to the inner compiler's own reassociation).
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
@@ -173,7 +175,7 @@ def _reaches(d, args) -> list[bool]:
 def test_graph_structure(attn):
     torch.manual_seed(0)
     model = Block(64, 4, attn)
-    be = actpass.mesa(inner="eager", keep_graphs=True)
+    be = actpass.mesa(inner="eager", keep_graphs=True, max_error=float("inf"))  # every layout, not just the default's
     step(torch.compile(model, backend=be), torch.randn(4, 33, 64))
     (fw, bw), plan = be.graphs[0], be.plans[0]
     _graph_structure(fw, bw, plan)

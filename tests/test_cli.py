@@ -65,7 +65,8 @@ def test_inspect_default_inductor_through_the_console_script() -> None:
 
 
 def test_inspect_json_schema() -> None:
-    proc = actpass("inspect", FIXTURES / "tiny_attn.py", "--format", "json", "--exclude", "heda", *FAST)
+    # --max-error inf: every storage that can take codes gets them, so every layout shows in the JSON.
+    proc = actpass("inspect", FIXTURES / "tiny_attn.py", "--format", "json", "--exclude", "heda", "--max-error", "inf", *FAST)
     assert proc.returncode == 0, proc.stderr
     # A glob that matches nothing: one warning line naming it and the nearest module path.
     warned = [ln for ln in proc.stderr.splitlines() if ln.startswith("actpass: warning:")]
@@ -438,6 +439,7 @@ FLAG_VALUES = {
     "inner": (["--inner", "eager"], "eager"),
     "quantize_outputs": (["--no-quantize-outputs"], False),
     "recompute": (["--no-recompute"], False),
+    "max_error": (["--max-error", "0.02"], 0.02),
     "budget": (["--budget", "0.25"], 0.25),
     "codec": (["--codec", "kernels"], "kernels"),
 }

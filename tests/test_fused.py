@@ -85,6 +85,7 @@ def _step(codec: str, **options):
     torch.manual_seed(0)
     model = _Block()
     x = torch.randn(4, 40, 32)
+    options.setdefault("max_error", float("inf"))  # codes for every storage that can take them: the codecs' test
     backend = actpass.mesa(codec=codec, keep_graphs=True, **options)
     torch._dynamo.reset()
     loss = torch.compile(model, backend=backend)(x).square().mean()

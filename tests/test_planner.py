@@ -63,7 +63,7 @@ def test_roles_of_a_transformer_block_under_inductor(attn):
     else:
         assert roles[Role.QKV] and roles[Role.ATTN_OUT]
     # bits=8 holds the graph's estimated error under the target, at the fewest bytes the error model allows.
-    assert be.plans[0].est_error <= planner.ERROR_TARGET + 1e-12
+    assert be.plans[0].est_error <= actpass.MesaConfig().max_error + 1e-12
     assert any(t.quantized and t.bits == 8 for t in be.plans[0].tensors)
 
 
@@ -265,7 +265,6 @@ def test_half_precision_probabilities(monkeypatch):
     ref = copy.deepcopy(model)
     x = torch.randn(2, 33, 64)
     monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)  # no plan made under the patch is kept
-    monkeypatch.setattr(planner, "ERROR_TARGET", 1e-12)
     real = planner.half_option
 
     def half_free(f, config, share):
@@ -273,7 +272,7 @@ def test_half_precision_probabilities(monkeypatch):
         return None if o is None else dataclasses.replace(o, err=0.0)
 
     monkeypatch.setattr(planner, "half_option", half_free)
-    be = _compile(model, x)
+    be = _compile(model, x, max_error=1e-12)
     probs = [t for t in be.plans[0].tensors if t.role is Role.PROBS and t.bytes_before]
     assert probs and all(t.bits == 16 and t.bytes_after * 2 == t.bytes_before for t in probs), probs
     assert all(t.reason is Reason.SENSITIVE for t in probs)
