@@ -90,6 +90,8 @@ class MesaBackend:
     Args:
         config: the policy; defaults work for transformers.
         store: where running statistics live (``config.stats == "running"``); the process-wide default store if None.
+        keep_graphs: keep the rewritten (forward, backward) graphs in ``graphs``.
+        simulate: run the partition-boundary oracle (``actpass.oracle.simulate_plan``) instead of the rewrite.
 
     Attributes:
         plans: one :class:`~actpass.plan.GraphPlan` per compiled forward/backward pair, in compile order.
@@ -103,9 +105,17 @@ class MesaBackend:
     """
 
     def __init__(
-        self, config: MesaConfig | None = None, *, store: RunningStats | None = None, keep_graphs: bool = False
+        self,
+        config: MesaConfig | None = None,
+        *,
+        store: RunningStats | None = None,
+        keep_graphs: bool = False,
+        simulate: bool = False,
     ) -> None:
         self.config = config or MesaConfig()
+        # Oracle mode (actpass/oracle.py): same partition and plan, but only the forward graph is rewritten, to hand
+        # backward the dequantized values mesa's backward must rebuild. For testing the rewrite, not for training.
+        self.simulate = simulate
         self.store = store if store is not None else default_store()
         self.plans: list[GraphPlan] = []
         self.skips: list[GraphSkip] = []
@@ -163,7 +173,12 @@ class MesaBackend:
             self._record(plan)
             return
         try:
-            apply_plan(fw, bw, plan, num_fwd_outputs, self.config)
+            if self.simulate:
+                from actpass.oracle import simulate_plan
+
+                simulate_plan(fw, bw, plan, num_fwd_outputs, self.config)
+            else:
+                apply_plan(fw, bw, plan, num_fwd_outputs, self.config)
         except Exception as e:  # noqa: BLE001 - any failure falls back to exact storage, and says so
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
             log.warning("actpass: graph %d kept exact, rewrite failed: %s", graph_id, msg)
