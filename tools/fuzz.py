@@ -572,8 +572,12 @@ def main():
         num = sum((mg[k] - xg[k]).pow(2).sum() for k in xg)
         den = sum(xg[k].pow(2).sum() for k in xg)
         glob = (num / den).sqrt().item() if den else 0.0
-        print(f"  global gradient error mesa vs exact: {{glob:.3g}} (bound {bound})")
-        failed |= glob > {bound}
+        # Running statistics after the first step clamp to earlier ranges: a looser bound.
+        bound = {bound_running} if i > 0 and CONFIG.get("stats") == "running" else {bound}
+        if CONFIG.get("rounding") == "stochastic" and EXACT_COMPILE:
+            bound = math.inf  # stochastic rounding shifts the dropout masks: no exact reference
+        print(f"  global gradient error mesa vs exact: {{glob:.3g}} (bound {{bound}})")
+        failed |= glob > bound
     print("FAILED" if failed else "passed")
     return 1 if failed else 0
 
@@ -642,6 +646,7 @@ def write_repro(prog: Program, setup: Setup, out: Outcome, directory: Path) -> P
         fwd_tight=FWD_TIGHT,
         tight=TIGHT[prog.precision],
         bound=BOUND[setup.bits],
+        bound_running=BOUND_RUNNING[setup.bits],
     )
     path.write_text(text)
     return path
@@ -804,6 +809,43 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     coverage: dict[str, collections.Counter] = {}
 
+    summary: dict[str, Any] = {}
+
+    def write_summary(complete: bool) -> Path:
+        wall = time.perf_counter() - t0
+        recs = sorted(records, key=lambda r: r["seed"])
+        fails = [r for r in recs if r["kind"] is not None and r["kind"] != "invalid"]
+        invalid = [r for r in recs if r["kind"] == "invalid"]
+        tights = [r["errs"]["tight"] for r in recs if r["errs"]]
+        by_inner: dict[str, list[float]] = collections.defaultdict(list)
+        for r in recs:
+            by_inner[r["setup"]["inner"]].append(r["seconds"])
+        summary.clear()
+        summary.update(
+            {
+                "command": "python tools/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "complete": complete,
+                "torch": torch.__version__,
+                "graphs": len(recs),
+                "failures": len(fails),
+                "invalid_programs": len(invalid),
+                "by_kind": dict(collections.Counter(r["kind"] for r in fails)),
+                "wall_seconds": round(wall, 1),
+                "jobs": args.jobs,
+                "loadavg": os.getloadavg(),
+                "seconds_per_graph": {k: round(sum(v) / len(v), 2) for k, v in by_inner.items()},
+                "graphs_per_inner": {k: len(v) for k, v in by_inner.items()},
+                "max_tight": max(tights, default=0.0),
+                "bounds": {"tight": TIGHT, "fwd_tight": FWD_TIGHT, "bound": BOUND, "bound_running": BOUND_RUNNING},
+                "coverage": {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in sorted(coverage.items())},
+                "failures_detail": fails + invalid,
+                "outcomes": [{k: r[k] for k in ("seed", "summary", "setup", "kind", "errs", "seconds")} for r in recs],
+            }
+        )
+        path = out_dir / name
+        path.write_text(json.dumps(summary, indent=1, default=str))
+        return path
+
     def done(rec: dict[str, Any]) -> None:
         records.append(rec)
         _merge_coverage(coverage, rec.pop("coverage", {}) or {})
@@ -818,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if "repro" in rec:
             print(f"    shrunk to {rec['shrunk']['summary']}: {rec['repro']}", flush=True)
+        if len(records) % 25 == 0:
+            write_summary(complete=False)  # partial results survive an interrupted run
 
     if args.verbose:
         for s in seeds:
@@ -828,37 +872,11 @@ def main(argv: list[str] | None = None) -> int:
             done(run_seed(s, args))
     else:
         _run_pool(seeds, args, done)
-    wall = time.perf_counter() - t0
-    records.sort(key=lambda r: r["seed"])
-    fails = [r for r in records if r["kind"] is not None and r["kind"] != "invalid"]
-    invalid = [r for r in records if r["kind"] == "invalid"]
-    by_kind = collections.Counter(r["kind"] for r in fails)
-    tights = [r["errs"]["tight"] for r in records if r["errs"]]
-    by_inner: dict[str, list[float]] = collections.defaultdict(list)
-    for r in records:
-        by_inner[r["setup"]["inner"]].append(r["seconds"])
-    summary = {
-        "command": "python tools/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "torch": torch.__version__,
-        "graphs": len(records),
-        "failures": len(fails),
-        "invalid_programs": len(invalid),
-        "by_kind": dict(by_kind),
-        "wall_seconds": round(wall, 1),
-        "jobs": args.jobs,
-        "loadavg": os.getloadavg(),
-        "seconds_per_graph": {k: round(sum(v) / len(v), 2) for k, v in by_inner.items()},
-        "graphs_per_inner": {k: len(v) for k, v in by_inner.items()},
-        "max_tight": max(tights, default=0.0),
-        "bounds": {"tight": TIGHT, "fwd_tight": FWD_TIGHT, "bound": BOUND, "bound_running": BOUND_RUNNING},
-        "coverage": {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in sorted(coverage.items())},
-        "failures_detail": fails + invalid,
-        "outcomes": [{k: r[k] for k in ("seed", "summary", "setup", "kind", "errs", "seconds")} for r in records],
-    }
-    path = out_dir / name
-    path.write_text(json.dumps(summary, indent=1, default=str))
+    path = write_summary(complete=True)
+    fails, wall = summary["failures"], summary["wall_seconds"]
     print(
-        f"\n{len(records)} graphs, {len(fails)} failures {dict(by_kind)}, {len(invalid)} invalid programs, "
+        f"\n{len(records)} graphs, {fails} failures {summary['by_kind']}, "
+        f"{summary['invalid_programs']} invalid programs, "
         f"{wall:.0f} s wall with {args.jobs} jobs; max mesa-vs-oracle difference {summary['max_tight']:.3g}"
     )
     print(f"results: {path}")
