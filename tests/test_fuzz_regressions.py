@@ -29,9 +29,9 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
-def _attn(mask: str) -> dict:
+def _attn(mask: str, qkv: str = "separate") -> dict:
     return {
-        "kind": "attn", "norm": "none", "heads": 1, "kv_heads": 1, "head_dim": 8, "qkv": "separate",
+        "kind": "attn", "norm": "none", "heads": 1, "kv_heads": 1, "head_dim": 8, "qkv": qkv,
         "impl": "matmul", "mask": mask, "probs": "log_softmax", "merge": "transpose_reshape", "gqa": "expand",
         "residual": True, "dropout": 0.0, "aux": False,
     }  # fmt: skip
@@ -54,6 +54,18 @@ CASES = {
     # seeds 1042, 1055: boolean padding mask applied with masked_fill(-inf) -> NaN gradients
     "logsoftmax-masked-fill-inf": fuzzgen.Program(
         1042, 1, 4, 2, {"kind": "tokens", "pos": False, "vocab": 50}, [_attn("pad_bool")], _HEAD
+    ),
+    # seed 321: fp16 autocast, causal mask with torch.finfo(torch.float16).min = -65504 (under the old 1e30 "huge"
+    # threshold) -> bound (0.30 unshrunk, 0.13 shrunk)
+    "logsoftmax-fp16-finfo-min": fuzzgen.Program(
+        321,
+        1,
+        2,
+        2,
+        {"kind": "tokens", "pos": False, "vocab": 50},
+        [_attn("additive_finfo", "narrow")],
+        _HEAD,
+        precision="fp16",
     ),
 }
 
