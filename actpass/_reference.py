@@ -203,3 +203,22 @@ def dequantize(
     y = runs * scale.view(1, g, 1)
     y = y + lo.view(1, g, 1)
     return y.to(dtype).reshape(out_shape)
+
+
+def pack_mask(x: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as bits: element ``i`` (logical order) is bit ``i % 8`` of byte ``i // 8``, ``[ceil(n / 8)]``."""
+    flat = x.detach().reshape(-1).to(torch.uint8)
+    n = flat.numel()
+    pad = (-n) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    shifts = torch.arange(8, device=x.device, dtype=torch.uint8)
+    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_mask(q: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: a contiguous bool tensor of ``shape``."""
+    n = math.prod(shape)
+    shifts = torch.arange(8, device=q.device, dtype=torch.uint8)
+    bits = (q.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(-1)[:n].to(torch.bool).reshape(shape)

@@ -1,7 +1,9 @@
-"""Analysis: which tensors does a partitioned forward graph save for backward, and what should happen to each.
+"""Analysis: the facts about every tensor a partitioned forward graph saves for backward.
 
-This module only reads graphs. :func:`plan_graph` returns a :class:`~actpass.plan.GraphPlan` of frozen records;
-``rewrite.apply_plan`` applies it.
+This module only reads graphs. :func:`gather_facts` returns one :class:`StorageFacts` per saved *storage*: what it
+is (its :class:`~actpass.plan.Role`), its layout and size, whether something forces it to stay exact (a parameter,
+a mask, a row statistic, ...), and whether it could be rebuilt in backward instead of stored (a :class:`Recipe`).
+``planner.plan_graph`` turns facts into decisions; ``rewrite.apply_plan`` applies them.
 
 Storage, not nodes. Several saved nodes can be views of one storage: with ``scaled_dot_product_attention`` the
 forward saves ``q``, ``k`` and ``v`` as three ``select`` views of the fused qkv projection; with eager attention the
@@ -13,8 +15,7 @@ from the dequantized root by the same view ops.
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
+import collections
 import logging
 import math
 import operator
@@ -24,10 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from actpass import _reference
-from actpass.config import MesaConfig, Stats
-from actpass.plan import Decision, GraphPlan, Layout, Reason, SavedTensor
-from actpass.symbols import SymSource, expr_of
+from actpass.plan import Reason, Role
+from actpass.symbols import SymSource
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -256,10 +255,15 @@ def _huge_constant(args) -> bool:
                 return True
         elif isinstance(a, (int, float)) and not isinstance(a, bool) and (math.isinf(a) or abs(a) >= _HUGE):
             return True
-        elif isinstance(a, fx.Node) and a.op == "call_function" and a.target in (
-            aten.full.default,
-            aten.scalar_tensor.default,
-            aten.lift_fresh_copy.default,
+        elif (
+            isinstance(a, fx.Node)
+            and a.op == "call_function"
+            and a.target
+            in (
+                aten.full.default,
+                aten.scalar_tensor.default,
+                aten.lift_fresh_copy.default,
+            )
         ):
             if _huge_constant(a.args):
                 return True
@@ -334,119 +338,38 @@ def _carries_mask(root: fx.Node, depth: int = 8) -> bool:
     return False
 
 
-# NOTE: per-channel statistics cost 8 bytes per channel against `rows` code bytes per channel: 1.6% on the examples'
-# 512-row activations, which put mesa (3.697x) behind PyTorch's fp8 pass on GPT. Adjacent channels then share a group
-# until statistics are under 0.5% of the codes; at training sizes (thousands of rows) every channel keeps its own.
-_STATS_BUDGET = 0.005
-_MAX_CHUNK = 4
-_MIN_CHUNK_ROWS = 128
+# ------------------------------------------------------------------------------------------- what can be replayed
+
+_COPY_OPS = {aten._to_copy.default, aten.clone.default, aten.expand.default, aten.copy.default}
+_CONST_OPS = {aten.full.default, aten.scalar_tensor.default, aten.zeros.default, aten.ones.default}
+try:
+    _COPY_OPS.add(torch.ops.prims.convert_element_type.default)
+except AttributeError:  # pragma: no cover - prims always exist on supported torch versions
+    pass
+_CAST_OPS = {aten._to_copy.default, aten.clone.default, aten.copy.default, *_COPY_OPS} - {aten.expand.default}
 
 
-def _channel_chunk(hshape: list[int], bits: int) -> int:
-    """How many adjacent channels share a group (a power of two dividing C, at most ``_MAX_CHUNK``)."""
-    c, rows = hshape[-1], math.prod(hshape[:-1])
-    if rows < _MIN_CHUNK_ROWS:
-        return 1  # small tensors: accuracy first (4-bit with 16 channels per group measured 16.6% at 34 rows)
-    code_bytes = rows * c * bits / 8
-    k = 1
-    while 2 * 4 * c / k > _STATS_BUDGET * code_bytes and k < _MAX_CHUNK and c % (2 * k) == 0:
-        k *= 2
-    while k > 1 and (k * bits) % 8:  # packed codes along the chunk must fill whole bytes
-        k *= 2
-        if c % k:
-            return 1
-    return k
+def is_pointwise(node: fx.Node) -> bool:
+    """A deterministic elementwise op (``torch.Tag.pointwise``, not seeded-random)."""
+    t = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(t, torch._ops.OpOverload)
+        and torch.Tag.pointwise in t.tags
+        and torch.Tag.nondeterministic_seeded not in t.tags
+    )
 
 
-_ROW_NORM_OPS = {aten.native_layer_norm.default, aten.var_mean.correction, aten.var.correction}
+def replayable(node: fx.Node) -> bool:
+    """Whether backward may recompute ``node`` from its inputs: views, copies, casts, constants, pointwise math.
 
-
-def _feeds_row_norm(root: fx.Node, grp: _Group) -> bool:
-    """Whether the storage is the input of a LayerNorm-style per-row normalization (directly or through views)."""
-    for n in (root, *grp.members):
-        for u in n.users:
-            if u.target in _ROW_NORM_OPS and u.args and u.args[0] is n:
-                return True
-            if is_view_node(u) and any(w.target in _ROW_NORM_OPS for w in u.users):
-                return True
-    return False
-
-
-def _matches(patterns: tuple[str, ...], value: str) -> bool:
-    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
-
-
-def plan_graph(
-    fw: fx.GraphModule,
-    num_fwd_outputs: int,
-    config: MesaConfig,
-    *,
-    bw: fx.GraphModule | None = None,
-    graph_id: int = 0,
-    name: str | None = None,
-    store_name: str = "",
-    key_prefix: str = "",
-) -> GraphPlan:
-    """Decide, for every tensor ``fw`` saves for backward, whether and how to quantize it.
-
-    Args:
-        fw: the partitioned forward graph (outputs: user outputs, then saved tensors, then symints).
-        num_fwd_outputs: how many leading outputs are the user's.
-        config: the policy.
-        bw: the backward graph; with dynamic shapes it tells which symbolic sizes backward can rebuild.
-        graph_id: position of this graph in the backend's compile order.
-        store_name: running-statistics store (only used when ``config.stats`` is running).
-        key_prefix: prefix of running-statistics entry names (e.g. the graph's code location).
-
-    Returns:
-        A :class:`GraphPlan` with one :class:`SavedTensor` per saved tensor, in output order.
+    Reductions, matmuls and random ops are not: they are either expensive or would not give the same values.
     """
-    user, saved = _saved_tensor_outputs(fw, num_fwd_outputs)
-    syms = SymSource(bw.graph) if bw is not None else None
-    user_roots = {storage_root(n) for n in user}
-    groups: dict[fx.Node, _Group] = {}
-    for n in saved:
-        groups.setdefault(storage_root(n), _Group(storage_root(n))).members.append(n)
-
-    ordinals: dict[tuple[str, str], int] = {}
-    records: dict[str, SavedTensor] = {}
-    for root, grp in groups.items():
-        root_val = root.meta.get("val")
-        mpath = module_path(root) or module_path(grp.members[0])
-        producer = producer_name(root)
-        k = ordinals.setdefault((mpath, _op_short(producer)), 0)
-        ordinals[(mpath, _op_short(producer))] = k + 1
-        tensor_id = f"{mpath}:{_op_short(producer)}#{k}"
-        decision = _decide(root, root_val, grp, user_roots, config, tensor_id, mpath, syms)
-        first = grp.members[0]
-        for i, m in enumerate(grp.members):
-            mval = m.meta["val"]
-            common = dict(
-                index=-1,
-                name=m.name,
-                tensor_id=tensor_id,
-                producer=producer_name(m) if m is root else f"{producer_name(m)} of {producer}",
-                module_path=mpath,  # the producing module: the same path the policy globs match
-                source=source_line(m) or source_line(root),
-                shape=shape_repr(mval.shape),
-                dtype=str(mval.dtype),
-            )
-            if i == 0:
-                records[m.name] = SavedTensor(**common, **decision)
-            else:
-                shared = dict(decision)
-                shared.update(bytes_before=0, bytes_after=0, detail=f"shares storage with {first.name}")
-                records[m.name] = SavedTensor(**common, **shared)
-
-    tensors = tuple(dataclasses.replace(records[n.name], index=i) for i, n in enumerate(saved))
-    if config.stats is Stats.RUNNING:
-        tensors = tuple(
-            dataclasses.replace(t, stats_key=f"{store_name}/{key_prefix}{t.tensor_id}")
-            if t.quantized and t.bytes_after
-            else t
-            for t in tensors
-        )
-    return GraphPlan(graph_id=graph_id, name=name or f"graph {graph_id}", tensors=tensors)
+    if node.op != "call_function":
+        return False
+    if is_view_node(node) or node.target in _COPY_OPS or is_pointwise(node):
+        return True
+    return node.target in _CONST_OPS and not any(isinstance(a, fx.Node) for a in _flat_args(node.args))
 
 
 def _flat_args(args) -> list:
@@ -454,163 +377,555 @@ def _flat_args(args) -> list:
     for a in args:
         if isinstance(a, (list, tuple)):
             out += _flat_args(a)
+        elif isinstance(a, dict):
+            out += _flat_args(list(a.values()))
         else:
             out.append(a)
     return out
 
 
-def _storage_bytes(val: torch.Tensor) -> int:
-    return math.prod(hint(s) for s in val.shape) * val.element_size()
+def _tensor_val(node: fx.Node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
 
 
-def _decide(
-    root: fx.Node,
-    val: torch.Tensor | None,
-    grp: _Group,
-    user_roots: set[fx.Node],
-    config: MesaConfig,
-    tensor_id: str,
-    mpath: str,
-    syms: SymSource | None,
-) -> dict:
-    """Decision fields of the group's first record (layout, decision, reason, bytes, grouping)."""
-    nbytes = _storage_bytes(val) if isinstance(val, torch.Tensor) else 0
+def _input_nodes(node: fx.Node) -> list[fx.Node]:
+    return [a for a in _flat_args([node.args, node.kwargs]) if isinstance(a, fx.Node)]
 
-    def kept(reason: Reason, detail: str, layout: Layout = Layout.OTHER, heads: int | None = None) -> dict:
-        return dict(
-            layout=layout,
-            heads=heads,
-            decision=Decision.KEPT,
-            reason=reason,
-            detail=detail,
-            bytes_before=nbytes,
-            bytes_after=nbytes,
-        )
 
+@dataclass(frozen=True)
+class Recipe:
+    """How backward can rebuild a storage instead of loading it: replay ``nodes`` on ``sources``.
+
+    ``sources`` are forward nodes whose values backward must have: other saved storage roots, or graph inputs
+    (parameters, which are alive anyway). ``nodes`` are the forward nodes to replay, in topological order; the last
+    one is the storage root itself.
+    """
+
+    nodes: tuple[str, ...]
+    sources: tuple[str, ...]
+    ops: tuple[str, ...]  # short names of the replayed ops that are not views, for the report
+
+
+# NOTE: recipes are meant for cheap elementwise chains: a LayerNorm affine output from the normalized input (2 ops),
+# GELU/SiLU outputs from their inputs (erf-GELU 5 ops, tanh-GELU 8), casts of parameters (1). 32 nodes bounds the
+# replayed work at a few elementwise passes per rebuilt tensor.
+_RECIPE_MAX_NODES = 32
+_RECIPE_MAX_SOURCES = 8
+
+
+def find_recipe(root: fx.Node, is_source, syms: SymSource | None, free=lambda n: True) -> Recipe | None:
+    """A recipe for ``root`` whose leaves are all sources (``is_source(node)``) or graph inputs, or None.
+
+    Args:
+        root: a saved storage root.
+        is_source: whether a forward node's value is available to backward (another stored saved root).
+        free: whether a graph input may be read (parameters and model inputs: alive anyway).
+        syms: where backward can read symbolic sizes; a replayed op that needs one it cannot rebuild fails the recipe.
+    """
+    order: list[fx.Node] = []
+    sources: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+
+    def visit(n: fx.Node) -> bool:
+        if n in seen:
+            return True
+        seen.add(n)
+        if n is not root and ((n.op == "placeholder" and free(n)) or is_source(n)):
+            if _tensor_val(n) is None:
+                return False
+            sources.append(n)
+            return len(sources) <= _RECIPE_MAX_SOURCES
+        if not replayable(n):
+            return False
+        for a in _input_nodes(n):
+            if _tensor_val(a) is not None:
+                if not visit(a):
+                    return False
+            elif isinstance(a.meta.get("val"), torch.SymInt):
+                if syms is None or not syms.can_emit(a):
+                    return False
+            else:
+                return False
+        order.append(n)
+        return len(order) <= _RECIPE_MAX_NODES
+
+    if root.op != "call_function" or is_view_node(root) or not visit(root):
+        return None
+    ops = tuple(_op_short(producer_name(n)) for n in order if not is_view_node(n))
+    if not ops:
+        return None
+    return Recipe(tuple(n.name for n in order), tuple(n.name for n in sources), ops)
+
+
+# ---------------------------------------------------------------------------------------------------------- roles
+
+_SOFTMAX_OPS = {aten._softmax.default, getattr(aten, "_safe_softmax", aten._softmax).default}
+_LOG_SOFTMAX_OPS = {aten._log_softmax.default}
+_ACT_FUNCS = {
+    aten.gelu.default,
+    aten.silu.default,
+    aten.relu.default,
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.erf.default,
+    aten.hardswish.default,
+    aten.hardtanh.default,
+    aten.elu.default,
+    aten.leaky_relu.default,
+    aten.mish.default,
+    aten.softplus.default,
+}
+_ROW_NORM_OPS = {aten.native_layer_norm.default, aten.var_mean.correction, aten.var.correction}
+_SDPA = ("scaled_dot_product",)
+
+
+def _is_row_shaped(node: fx.Node) -> bool:
+    """``[..., 1]`` with at least 2 dims: a per-row statistic (mean, rstd, logsumexp, softmax max/sum)."""
+    v = _tensor_val(node)
+    return v is not None and v.dim() >= 2 and hint(v.shape[-1]) == 1
+
+
+def _cone(root: fx.Node, limit: int = 8) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Nodes ``root`` is computed from through replayable ops (inner, up to ``limit``), and the leaves."""
+    inner: list[fx.Node] = []
+    leaves: list[fx.Node] = []
+    if not replayable(root):
+        return [root], [a for a in _input_nodes(root) if _tensor_val(a) is not None]
+    stack, seen = collections.deque([root]), {root}
+    while stack:
+        n = stack.popleft()  # breadth first: the nodes nearest the root decide what it is
+        if n is not root and (not replayable(n) or len(inner) >= limit):
+            leaves.append(n)
+            continue
+        inner.append(n)
+        for a in _input_nodes(n):
+            if a not in seen and _tensor_val(a) is not None:
+                seen.add(a)
+                stack.append(a)
+    return inner, leaves
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    """Up the view/copy chain to the first node that is neither."""
+    cur = node
+    while cur.op == "call_function" and (is_view_node(cur) or cur.target in _COPY_OPS):
+        ins = _input_nodes(cur)
+        if not ins:
+            break
+        cur = ins[0]
+    return cur
+
+
+def _feeds(root: fx.Node, members, pred, depth: int = 1) -> bool:
+    """Whether ``pred(user)`` holds for a user of ``root`` (or of its saved views), through up to ``depth`` hops of
+    views and pointwise ops."""
+    frontier = {root, *members}
+    seen = set(frontier)
+    for _ in range(depth):
+        nxt = set()
+        for n in frontier:
+            for u in n.users:
+                if pred(u, n):
+                    return True
+                if u not in seen and (is_view_node(u) or is_pointwise(u) or u.target in _COPY_OPS):
+                    seen.add(u)
+                    nxt.add(u)
+        frontier = nxt
+    return False
+
+
+def _is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and any(s in producer_name(node) for s in _SDPA)
+
+
+def _is_param_vector(node: fx.Node) -> bool:
+    """A 1-D parameter or input (LayerNorm/RMSNorm weight or bias), possibly cast."""
+    n = _through_views(node)
+    v = _tensor_val(n)
+    return n.op == "placeholder" and v is not None and v.dim() == 1
+
+
+_SOFTMAX_INPUT_OPS = {aten._log_softmax.default, aten._softmax.default, aten.amax.default, aten.logsumexp.default}
+
+
+def _feeds_softmax(root: fx.Node, members) -> bool:
+    """Whether the storage is what a (log-)softmax reads: its row max (Inductor's decomposition) or the op itself."""
+    # depth 5: attention scores reach the softmax through a view, the scale, the mask
+    return _feeds(root, members, lambda u, n: u.target in _SOFTMAX_INPUT_OPS and u.args and u.args[0] is n, depth=5)
+
+
+def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
+    """The role of a graph input that is an activation (no producer in this graph): from how it is used."""
+    if _feeds_softmax(root, members):
+        return Role.LOGITS
+    if _feeds(root, members, lambda u, n: u.target in _ROW_NORM_OPS and u.args and u.args[0] is n, depth=2):
+        return Role.NORM_INPUT
+    if _feeds(root, members, lambda u, n: u.target in _ACT_FUNCS, depth=6):
+        return Role.ACT_INPUT
+    return Role.OTHER
+
+
+def classify(root: fx.Node, members: list[fx.Node]) -> Role:
+    """What a saved storage is (see :class:`~actpass.plan.Role`), from the forward graph around its root.
+
+    Works on both the aten graphs of ``inner="eager"`` (``native_layer_norm``, ``_softmax``, ``gelu``) and the
+    decomposed graphs Inductor partitions (``var_mean``/``rsqrt``/``mul``, ``exp``/``sum``/``div``, ``erf``...).
+    """
+    val = _tensor_val(root)
     if root.op == "placeholder":
-        return kept(Reason.PARAM_OR_INPUT, f"{'view of ' if root not in grp.members else ''}graph input {root.name}")
-    if not isinstance(val, torch.Tensor):
-        return kept(Reason.UNSUPPORTED, "storage root has no tensor metadata")
-    if root in user_roots and not config.quantize_outputs:
-        return kept(
-            Reason.USER_OUTPUT, "returned to the caller, alive anyway if kept (quantize_outputs=True if it is dropped)"
-        )
+        return Role.INPUT
+    if val is None:
+        return Role.OTHER
+    if val.dtype is torch.bool:
+        return Role.BOOL_MASK
+    t = root.target
+    name = producer_name(root)
+    if t is operator.getitem and isinstance(root.args[0], fx.Node):
+        src, idx = root.args[0], root.args[1]
+        if _is_sdpa(src):
+            return Role.ATTN_OUT if idx == 0 else Role.ROW_STAT
+        if src.target in _ROW_NORM_OPS or "norm" in producer_name(src):
+            return Role.NORM_OUTPUT if idx == 0 else Role.ROW_STAT
+    if _is_row_shaped(root):
+        return Role.ROW_STAT
+    if t in _SOFTMAX_OPS:
+        return Role.PROBS
+    if t in _LOG_SOFTMAX_OPS:
+        return Role.LOG_PROBS
+    ins = _input_nodes(root)
+    if t is aten.div.Tensor and ins and _through_views(ins[0]).target is aten.exp.default:
+        return Role.PROBS  # softmax as Inductor decomposes it: exp(x - max) / sum
+    if t is aten.sub.Tensor and len(ins) == 2 and ins[1].target is aten.log.default:
+        return Role.LOG_PROBS  # log_softmax decomposed: (x - max) - log(sum(exp))
+    if "embedding" in name:
+        return Role.EMBED
+    inner, leaves = _cone(root)
+    if (
+        leaves
+        and all(lf.op == "placeholder" for lf in leaves)
+        and all(is_view_node(n) or n.target in _CAST_OPS for n in inner)
+    ):
+        return Role.CAST
+    # Softmax probabilities further on (dropout applied, a cast): exp(x - max) / sum in the cone.
+    if any(n.target is aten.div.Tensor and _through_views(n.args[0]).target is aten.exp.default for n in inner):
+        return Role.PROBS
+    # Normalization: a multiplication by a per-row statistic (rstd) in the elementwise cone.
+    normed = any(
+        n.target in (aten.mul.Tensor, aten.div.Tensor) and any(_is_row_shaped(a) for a in _input_nodes(n))
+        for n in inner
+    )
+    if normed:
+        top = _through_views(root)
+        if top.target in (aten.add.Tensor, aten.mul.Tensor) and any(_is_param_vector(a) for a in _input_nodes(top)):
+            return Role.NORM_OUTPUT
+        if any(n.target in _ACT_FUNCS for n in inner):
+            return Role.ACT_OUTPUT  # e.g. a normalization followed by an activation in one fused region
+        return Role.NORM_HAT
+    if any(n.target in _ACT_FUNCS for n in inner) or t in _ACT_FUNCS:
+        return Role.ACT_OUTPUT
+    shape = list(val.shape)
+    if len(shape) == 4 and any(h in name for h in _CONV_HINTS):
+        return Role.CONV
+    if _feeds_softmax(root, members):
+        if len(shape) >= 3 and hint(shape[-1]) == hint(shape[-2]):
+            return Role.SCORES
+        if len(shape) <= 3:
+            return Role.LOGITS
+    if _feeds(root, members, lambda u, n: u.target in _ROW_NORM_OPS and u.args and u.args[0] is n, depth=2):
+        return Role.NORM_INPUT
+    if _feeds(root, members, lambda u, n: _is_sdpa(u) and n in u.args[:3], depth=3):
+        return Role.QKV
+    # Attention output: the elementwise cone reaches sdpa's output or a bmm of probabilities and values.
+    for lf in leaves:
+        if lf.op != "call_function":
+            continue
+        if lf.target is operator.getitem and _is_sdpa(lf.args[0]) and lf.args[1] == 0:
+            return Role.ATTN_OUT
+        if lf.target in (aten.bmm.default, aten.matmul.default) and lf.args:
+            a = _through_views(lf.args[0])
+            if a.target in _SOFTMAX_OPS or (
+                a.target is aten.div.Tensor and _through_views(a.args[0]).target is aten.exp.default
+            ):
+                return Role.ATTN_OUT
+    bmm = (aten.bmm.default, aten.baddbmm.default)
+    if len(shape) in (3, 4) and _feeds(root, members, lambda u, n: u.target in bmm, depth=3):
+        if len(shape) == 3 or hint(shape[1]) < hint(shape[2]):
+            return Role.QKV
+    if _feeds(root, members, lambda u, n: u.target in _ACT_FUNCS, depth=6):
+        return Role.ACT_INPUT
+    return Role.OTHER
+
+
+# ---------------------------------------------------------------------------------------------------------- facts
+
+
+@dataclass(frozen=True)
+class StorageFacts:
+    """What one saved storage is. Read off the graphs; independent of any policy."""
+
+    root: str  # forward node name of the storage root
+    position: int  # the root's position in the forward graph (topological order)
+    members: tuple[str, ...]  # saved forward nodes on this storage (the root and/or views of it), in output order
+    tensor_id: str  # "module.path:op#k", what overrides and running-statistics keys match
+    producer: str  # producing op of the root, e.g. "aten.gelu.default"
+    module_path: str
+    role: Role
+    dtype: torch.dtype | None
+    shape: tuple  # logical shape (ints or SymInts)
+    perm: tuple[int, ...] | None  # permutation to memory order (None: contiguous)
+    mshape: tuple[int, ...]  # memory-order shape, size hints
+    nbytes: int  # storage bytes (size hints)
+    heads: int | None  # H for [B, H, N, D]-like attention tensors (logical dim 1)
+    attn_layout: str  # "bhnd" ([B, H, N, *] in memory), "bnhd" (heads after tokens in memory), or ""
+    is_output: bool  # (a view of) a forward output returned to the caller, or an activation handed over as input
+    handed_over: bool  # an activation computed before this graph, entering as a graph input (a graph break)
+    fixed: tuple[Reason, str] | None  # forced to stay exact whatever the policy, and why
+    compared: bool  # backward compares it (e.g. a ReLU output's mask): rebuilt only from exact sources
+    recipe: Recipe | None  # how backward could rebuild it instead (None: it must be stored)
+    static: bool  # every dim is a plain int
+    last_static: bool  # the memory-innermost dim is a plain int
+    rebuildable: bool  # backward can rebuild every symbolic size it needs for the saved views (any layout)
+    rebuildable_packed: bool  # ... also when the codes' last dim is packed (4/2 bits)
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """Facts about one partitioned forward/backward pair."""
+
+    storages: tuple[StorageFacts, ...]  # in order of first appearance among the saved outputs
+    saved: tuple[str, ...]  # saved forward output node names, in output order
+    nodes: dict = field(default_factory=dict)  # name -> fx.Node of the forward graph (for the rewrite)
+
+
+def _fixed(root: fx.Node, val, members: list[fx.Node], handed: bool = False) -> tuple[Reason, str] | None:
+    if root.op == "placeholder" and not handed:
+        return (Reason.PARAM_OR_INPUT, f"{'view of ' if root not in members else ''}graph input {root.name}")
+    if val is None:
+        return (Reason.UNSUPPORTED, "storage root has no tensor metadata")
+    if val.dtype is torch.bool:
+        if not is_dense(val):
+            return (Reason.ALIAS, "storage root is a broadcast or overlapping view")
+        return None  # packed to bits, losslessly (planner)
     if not val.dtype.is_floating_point and not val.dtype.is_complex:
-        return kept(Reason.NOT_FLOAT, f"{val.dtype} is stored exactly")
+        return (Reason.NOT_FLOAT, f"{val.dtype} is stored exactly")
     if val.dtype not in _FLOAT_DTYPES:
-        return kept(Reason.UNSUPPORTED, f"dtype {val.dtype} is not supported (float32, bfloat16, float16 are)")
-    if val.dim() == 0 or nbytes < config.min_bytes:
-        return kept(Reason.TOO_SMALL, f"{nbytes} B < min_bytes={config.min_bytes}")
+        return (Reason.UNSUPPORTED, f"dtype {val.dtype} is not supported (float32, bfloat16, float16 are)")
+    if val.dim() == 0:
+        return (Reason.TOO_SMALL, "a scalar")
     if not is_dense(val):
-        return kept(Reason.ALIAS, "storage root is a broadcast or overlapping view")
-    if _is_mask(root, grp):
-        return kept(Reason.POLICY, "attention mask (±inf or huge constants): kept exact, codes cannot hold them")
+        return (Reason.ALIAS, "storage root is a broadcast or overlapping view")
+    if _is_mask(root, _Group(root, members)):
+        return (Reason.MASK, "attention mask (±inf or huge constants): integer codes cannot hold them")
     if _carries_mask(root):
-        return kept(Reason.POLICY, "holds an additive mask's ±inf/huge values (log_softmax of masked scores): exact")
-    for m in grp.members:
+        return (Reason.MASK, "holds an additive mask's ±inf/huge values (e.g. log_softmax of masked scores): exact")
+    for m in members:
         if m is root:
             continue
         for step in view_chain(m):
             if any(isinstance(a, fx.Node) and not isinstance(a.meta.get("val"), torch.SymInt) for a in step.args[1:]):
-                return kept(Reason.UNSUPPORTED, f"view {step.name} takes a tensor argument; cannot replay it")
+                return (Reason.UNSUPPORTED, f"view {step.name} takes a tensor argument; cannot replay it")
+    return None
 
-    perm = memory_perm(val)
-    shape = [val.shape[i] for i in perm] if perm else list(val.shape)
-    hshape = [hint(s) for s in shape]
-    producer = producer_name(root)
-    short = _op_short(producer)
 
-    # Row statistics (LayerNorm mean/rstd, RMSNorm rsqrt, attention logsumexp) scale whole rows of the gradient;
-    # they are ~1/C of the activation bytes, so they stay exact.
-    row_stat = "[" in short and not short.endswith("[0]") and _NORM_OR_ATTN.search(short)
-    if (hshape[-1] == 1 and len(hshape) >= 2) or row_stat:
-        return kept(Reason.POLICY, "row statistic (normalization/attention): kept exact, it scales whole rows")
+_COMPARISONS = {
+    aten.le.Scalar, aten.le.Tensor, aten.lt.Scalar, aten.lt.Tensor, aten.ge.Scalar, aten.ge.Tensor,
+    aten.gt.Scalar, aten.gt.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor,
+    aten.sign.default, aten.threshold_backward.default,
+}  # fmt: skip
+_NONNEGATIVE = {aten.relu.default, aten.sigmoid.default, aten.exp.default, aten.abs.default}
 
-    bits = config.bits
-    for pattern, obits in config.overrides:
-        if fnmatch.fnmatchcase(tensor_id, pattern):
-            if obits == 0:
-                return kept(Reason.POLICY, f"override {pattern!r} keeps it exact")
-            bits = obits
+
+def _compared_in_backward(
+    root: fx.Node, members: list[fx.Node], bw_ph: dict[str, fx.Node], depth: int = 12, allow_direct: bool = True
+) -> bool:
+    """Whether backward compares a value computed from the storage (a ReLU/clamp mask), other than comparing the
+    non-negative output of a ReLU-like op with 0 directly, which zero-preserving codes keep exact (unless
+    ``allow_direct`` is False)."""
+    direct_ok = allow_direct and root.target in _NONNEGATIVE
+    frontier: list[tuple[fx.Node, bool]] = [(bw_ph[m.name], True) for m in members if m.name in bw_ph]
+    seen = {n for n, _ in frontier}
+    for _ in range(depth):
+        nxt: list[tuple[fx.Node, bool]] = []
+        for n, direct in frontier:
+            for u in n.users:
+                if u.target in _COMPARISONS:
+                    scalar_zero = all(not isinstance(a, (int, float)) or a == 0 for a in u.args[1:])
+                    if not (direct and direct_ok and scalar_zero):
+                        return True
+                    continue
+                if u in seen:
+                    continue
+                if is_view_node(u) or u.target in _COPY_OPS:
+                    seen.add(u)
+                    nxt.append((u, direct))
+                elif is_pointwise(u):
+                    seen.add(u)
+                    nxt.append((u, False))
+        frontier = nxt
+        if not frontier:
             break
-    else:
-        if not _matches(config.include, mpath) or _matches(config.exclude, mpath):
-            return kept(Reason.POLICY, f"module {mpath or '<top>'!r} excluded by include/exclude globs")
-        if (config.include_ops and not _matches(config.include_ops, short)) or _matches(config.exclude_ops, short):
-            return kept(Reason.POLICY, f"op {short!r} excluded by include_ops/exclude_ops")
+    return False
 
-    running = config.stats is Stats.RUNNING
-    layout, heads, chunk = Layout.CHANNEL_LAST, None, 1
-    lshape = list(val.shape)  # logical order decides the layout; memory order decides the grouping
-    if len(shape) == 4 and perm is None and any(h in producer for h in _CONV_HINTS):
-        layout = Layout.OTHER  # NCHW conv activations: per (sample, channel)
-        gend, groups = 2, (shape[1] if running else -1)
-    elif len(lshape) == 4 and perm in (None, (0, 2, 1, 3)) and _attention_context(root, lshape):
-        layout, heads = Layout.PER_HEAD, lshape[1]
-        if perm is None:  # [B, H, N, D] in memory: per (batch, head), or per head for running statistics
-            gend, groups = 2, (lshape[1] if running else -1)
-        else:  # [B, N, H, D] in memory (e.g. sdpa's output): runs of D folded per head
-            gend, groups = 3, lshape[1]
-    elif len(shape) == 1:
-        layout = Layout.OTHER
-        gend, groups = 0, 1
-    elif perm is None and len(shape) >= 2 and not running and _feeds_row_norm(root, grp):
-        # NOTE: the input of a LayerNorm is normalized per row in backward, so its error matters relative to each
-        # row's own range: per-row groups. Measured (tests/test_compat.py ViT, inner="eager"): per channel 1.49%
-        # global gradient error (the class-token row is ~22x smaller than patch rows), per row 0.37%.
-        gend, groups = len(shape) - 1, -1
-    elif isinstance(shape[-1], int):
-        # NOTE: one group per channel. Global gradient error vs eager, 8-bit / 4-bit, per channel vs per row (CPU,
-        # examples' module-level models, inner="eager"): vit 0.98/19.7% vs 0.72/12.2%; gpt 0.73/12.7% vs 0.76/13.1%;
-        # hf_llama 0.67/13.4% vs 0.75/14.0%. Per channel wins on 2 of 3, and trained transformers have outlier
-        # channels (LLM.int8, Dettmers et al. 2022) that would set every per-row range.
-        gend, groups = len(shape), shape[-1]
-        # Running statistics need group counts that do not depend on batch or sequence: no sharing there.
-        chunk = 1 if running else _channel_chunk(hshape, bits)
-        if chunk > 1:
-            gend, groups = 2, shape[-1] // chunk  # of the view [rows, C/chunk, chunk]
-    else:
-        gend, groups = len(shape) - 1, -1  # channel count is symbolic: fall back to per-row statistics
-    if running and (not isinstance(groups, int) or groups == -1):
-        return kept(Reason.UNSUPPORTED, "running statistics need a static group count (heads/channels)", layout)
-    if not isinstance(heads, (int, type(None))):
-        heads = hint(heads)
-    qshape = [math.prod(hshape[:-1]), hshape[-1] // chunk, chunk] if chunk > 1 else hshape
-    g = hint(groups) if groups != -1 else math.prod(qshape[:gend])
-    qbytes = math.prod(qshape[:-1]) * _reference.packed_last_dim(qshape[-1], bits)
-    after = qbytes + 2 * 4 * g
-    if after >= nbytes:
-        return kept(Reason.TOO_SMALL, f"codes+statistics ({after} B) would not be smaller than {nbytes} B", layout)
-    if syms is not None:
-        # Backward must rebuild every symbolic size it needs: the replayed views' arguments and, for packed codes,
-        # the last dim. The codes' own shape carries every dim but a packed last one.
-        carried = {s.node.expr for s in (shape if bits == 8 else shape[:-1]) if isinstance(s, torch.SymInt)}
-        carried = {e for e in carried if e.is_Symbol} if chunk == 1 else set()
-        needed: list = [shape[-1]] if chunk == 1 else list(shape)  # a chunked view is reshaped back in backward
-        for m in grp.members:
-            for step in view_chain(m) if m is not root else []:
-                needed += _flat_args(step.args[1:])
-        for n in needed:
-            if isinstance(n, (fx.Node, torch.SymInt)) and not syms.can_emit(n, carried):
-                return kept(Reason.UNSUPPORTED, f"symbolic size {expr_of(n)} is not available in backward", layout)
-    detail = f"{bits}-bit, {'per-head' if layout is Layout.PER_HEAD else 'per-group'} " + (
-        f"statistics over {g} groups" if groups != -1 else f"statistics per {'(batch, head)' if heads else 'row'}"
-    )
-    if chunk > 1:
-        detail += f" ({chunk} adjacent channels per group: statistics stay under ~0.5% of the codes)"
-    if perm:
-        detail += f", quantized in memory order {list(perm)}"
-    return dict(
-        layout=layout,
-        heads=heads,
-        decision=Decision.QUANTIZED,
-        reason=Reason.QUANTIZED,
-        detail=detail,
-        bytes_before=nbytes,
-        bytes_after=after,
-        bits=bits,
-        gend=gend,
-        groups=groups if isinstance(groups, int) else -1,
-        perm=perm,
-        chunk=chunk,
-    )
+
+def _rebuildable(shape, members: list[fx.Node], root: fx.Node, syms: SymSource | None, packed: bool) -> bool:
+    if syms is None:
+        return True
+    # The codes' placeholder carries every dim but a packed last one; views need their symbolic arguments.
+    carried = {s.node.expr for s in (shape[:-1] if packed else shape) if isinstance(s, torch.SymInt)}
+    carried = {e for e in carried if e.is_Symbol}
+    needed: list = [shape[-1]]
+    for m in members:
+        for step in view_chain(m) if m is not root else []:
+            needed += _flat_args(step.args[1:])
+    return all(not isinstance(n, (fx.Node, torch.SymInt)) or syms.can_emit(n, carried) for n in needed)
+
+
+def gather_facts(
+    fw: fx.GraphModule,
+    num_fwd_outputs: int,
+    bw: fx.GraphModule | None = None,
+    activation_inputs: set[str] | frozenset[str] = frozenset(),
+) -> GraphFacts:
+    """The facts about every storage ``fw`` saves for backward.
+
+    Args:
+        fw: the partitioned forward graph (outputs: user outputs, then saved tensors, then symints).
+        num_fwd_outputs: how many leading outputs are the user's.
+        bw: the backward graph; with dynamic shapes it tells which symbolic sizes backward can rebuild.
+        activation_inputs: names of forward placeholders that are activations computed before this graph (handed
+            over by a graph break), not parameters or the model's inputs: saving them is saving an activation.
+    """
+    user, saved = _saved_tensor_outputs(fw, num_fwd_outputs)
+    syms = SymSource(bw.graph) if bw is not None else None
+    bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")} if bw is not None else {}
+    user_roots = {storage_root(n) for n in user}
+    groups: dict[fx.Node, _Group] = {}
+    for n in saved:
+        groups.setdefault(storage_root(n), _Group(storage_root(n))).members.append(n)
+    roots = set(groups)
+    position = {n: i for i, n in enumerate(fw.graph.nodes)}
+
+    ordinals: dict[tuple[str, str], int] = {}
+    out: list[StorageFacts] = []
+    for root, grp in groups.items():
+        val = _tensor_val(root)
+        mpath = module_path(root) or module_path(grp.members[0])
+        producer = producer_name(root)
+        short = tensor_op_name(producer)
+        k = ordinals.setdefault((mpath, short), 0)
+        ordinals[(mpath, short)] = k + 1
+        handed = root.op == "placeholder" and root.name in activation_inputs
+        fixed = _fixed(root, val, grp.members, handed)
+        is_bool = val is not None and val.dtype is torch.bool  # stored losslessly: comparisons stay exact
+        compared = bool(bw_ph) and not is_bool and _compared_in_backward(root, grp.members, bw_ph, allow_direct=False)
+        if fixed is None and bw_ph and not is_bool and _compared_in_backward(root, grp.members, bw_ph):
+            fixed = (
+                Reason.MASK_SOURCE,
+                "backward derives a mask from it by comparison (e.g. ReLU after a recomputed BatchNorm): rounding "
+                "would flip mask bits",
+            )
+        if fixed is not None and fixed[0] is Reason.PARAM_OR_INPUT:
+            role = Role.INPUT
+        else:
+            role = classify(root, grp.members) if not handed else _classify_by_use(root, grp.members)
+        if fixed is None and role is Role.ROW_STAT:
+            fixed = (Reason.ROW_STATISTIC, "normalization/attention row statistic: it scales whole gradient rows")
+        if fixed is not None and fixed[0] is Reason.MASK:
+            role = Role.MASK
+        if val is not None:
+            perm = memory_perm(val) if fixed is None else None
+            shape = tuple(val.shape)
+            mshape = tuple(hint(shape[i]) for i in perm) if perm else tuple(hint(s) for s in shape)
+            nbytes = math.prod(hint(s) for s in shape) * val.element_size()
+            lshape = [hint(s) for s in shape]
+            heads, attn_layout = None, ""
+            if (
+                len(shape) == 4
+                and perm in (None, (0, 2, 1, 3))
+                and lshape[1] < lshape[2]
+                and role
+                in (
+                    Role.QKV,
+                    Role.PROBS,
+                    Role.ATTN_OUT,
+                    Role.OTHER,
+                )
+                and (role is not Role.OTHER or _attention_context(root, shape))
+            ):
+                heads, attn_layout = lshape[1], ("bhnd" if perm is None else "bnhd")
+                if role is Role.OTHER:
+                    role = Role.QKV
+            mem_shape = [shape[i] for i in perm] if perm else list(shape)
+            static = all(isinstance(s, int) for s in shape)
+            last_static = isinstance(mem_shape[-1], int) if mem_shape else True
+            rb = _rebuildable(mem_shape, grp.members, root, syms, packed=False) if mem_shape else True
+            rbp = _rebuildable(mem_shape, grp.members, root, syms, packed=True) if mem_shape else True
+        else:
+            perm, shape, mshape, nbytes, heads, attn_layout = None, (), (), 0, None, ""
+            static = last_static = rb = rbp = True
+        recipe = None
+        if fixed is None and not handed:
+            # A graph input is a free source (alive anyway) unless it is a handed-over activation nobody stores.
+            recipe = find_recipe(
+                root,
+                lambda n, r=root: (n in roots and n is not r),
+                syms,
+                free=lambda n: n.name not in activation_inputs,
+            )
+        out.append(
+            StorageFacts(
+                root=root.name,
+                position=position[root],
+                members=tuple(m.name for m in grp.members),
+                tensor_id=f"{mpath}:{short}#{k}",
+                producer=producer,
+                module_path=mpath,
+                role=role,
+                dtype=val.dtype if val is not None else None,
+                shape=shape,
+                perm=perm,
+                mshape=mshape,
+                nbytes=nbytes,
+                heads=heads,
+                attn_layout=attn_layout,
+                is_output=root in user_roots or handed,
+                handed_over=handed,
+                fixed=fixed,
+                compared=compared,
+                recipe=recipe,
+                static=static,
+                last_static=last_static,
+                rebuildable=rb,
+                rebuildable_packed=rbp,
+            )
+        )
+    nodes = {n.name: n for n in fw.graph.nodes}
+    return GraphFacts(storages=tuple(out), saved=tuple(n.name for n in saved), nodes=nodes)
+
+
+# Device-specific spellings of one op, under one name in tensor ids: an override written on CPU must match on CUDA.
+# Their outputs agree where ids use them: .0 is the attention output, .1 the logsumexp.
+_OP_ID_ALIASES = {
+    "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
+    "_scaled_dot_product_flash_attention": "sdpa",
+    "_scaled_dot_product_efficient_attention": "sdpa",
+    "_scaled_dot_product_cudnn_attention": "sdpa",
+    "_scaled_dot_product_fused_attention_overrideable": "sdpa",
+}
+
+
+def op_id(short: str) -> str:
+    """The op part of a tensor id from a short op name: ``gelu`` -> ``gelu``, ``var_mean[1]`` -> ``var_mean.1``, and
+    every device-specific sdpa variant (``_scaled_dot_product_flash_attention_for_cpu[0]``) -> ``sdpa.0``.
+
+    ``[k]`` would be a character class in an override glob, so multi-output ops are ``op.k`` in ids.
+    """
+    base, sep, idx = short.partition("[")
+    base = _OP_ID_ALIASES.get(base, base)
+    return base + (f".{idx.rstrip(']')}" if sep else "")
+
+
+def tensor_op_name(producer: str) -> str:
+    """The op part of a tensor id for a producer name: ``aten.gelu.default`` -> ``gelu`` (see :func:`op_id`)."""
+    return op_id(_op_short(producer))

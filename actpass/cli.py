@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import sys
 import traceback
 from collections.abc import Sequence
@@ -30,6 +31,10 @@ class BadInput(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--bit 4` must not be taken as `--bits 4`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # one line, no usage dump
         self.exit(EXIT_BAD_INPUT, f"actpass: {message} (see `{self.prog} --help`)\n")
 
@@ -52,46 +57,74 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     prog.add_argument("--no-progress", dest="progress", action="store_false", help="never log progress")
 
 
+def _policy_flags() -> list[tuple[str, str, dict[str, Any]]]:
+    """``(field, flag, add_argument kwargs)`` for every MesaConfig field, derived from its type and help text.
+
+    A field added to MesaConfig gets a flag here with no change to this module: bool -> ``--x/--no-x``, int and
+    float -> a number, an Enum -> its values listed in the help, ``tuple[str, ...]`` -> a repeatable GLOB,
+    ``overrides`` -> repeatable GLOB=BITS, anything else -> a string (or a number for ``int | float``) that
+    MesaConfig validates. The flag's spelling and metavar can be set next to the field (``config.option``).
+    """
+    import dataclasses
+    import enum
+    import types
+    import typing
+
+    hints = typing.get_type_hints(MesaConfig)
+    out = []
+    for f in dataclasses.fields(MesaConfig):
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": meta.get("help", "")}
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            hint = args[0]  # X | None
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif hint in (int, float):
+            kwargs["type"] = hint
+        elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+            kwargs.setdefault("metavar", "{" + ",".join(str(m.value) for m in hint) + "}")
+        elif f.name == "overrides":
+            kwargs["action"] = "append"
+        elif typing.get_origin(hint) is tuple:
+            kwargs["action"] = "append"
+            kwargs["help"] += " (repeat the flag for several)"
+        elif set(args) <= {int, float} and args:
+            kwargs["type"] = _number
+        if isinstance(f.default, (bool, int, float, str, enum.Enum)) and not isinstance(f.default, tuple):
+            default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+            kwargs["help"] += f"; default {default}"
+        out.append((f.name, flag, kwargs))
+    return out
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("mesa policy (see MesaConfig)")
-    g.add_argument("--bits", type=int, help="code width of saved activations: 8, 4 or 2")
-    g.add_argument("--stats", help="'dynamic' (per step) or 'running' (Mesa's EMA of each group's range)")
-    g.add_argument("--rounding", help="'nearest' or 'stochastic'")
-    g.add_argument("--decay", type=float, help="EMA decay of running ranges")
-    g.add_argument("--min-bytes", dest="min_bytes", type=int, help="saved tensors smaller than this stay exact")
-    g.add_argument("--include", action="append", metavar="GLOB", help="module paths that may be quantized (repeat)")
-    g.add_argument("--exclude", action="append", metavar="GLOB", help="module paths kept exact (repeat)")
-    g.add_argument("--include-op", dest="include_ops", action="append", metavar="GLOB", help="producer ops allowed")
-    g.add_argument("--exclude-op", dest="exclude_ops", action="append", metavar="GLOB", help="producer ops kept exact")
-    g.add_argument(
-        "--override", dest="overrides", action="append", metavar="GLOB=BITS", help="bits for tensor ids (0 = exact)"
-    )
-    g.add_argument("--inner", help="compiler of the rewritten graphs: 'inductor' (default) or 'eager'")
-
-
-_POLICY = ("bits", "stats", "rounding", "decay", "min_bytes", "include", "exclude", "include_ops", "exclude_ops")
+    g = p.add_argument_group("mesa policy (the fields of MesaConfig; see `help(actpass.MesaConfig)`)")
+    for _, flag, kwargs in _policy_flags():
+        g.add_argument(flag, **{k: v.replace("%", "%%") if k == "help" else v for k, v in kwargs.items()})
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> MesaConfig:
     """MesaConfig from the policy options (on top of ``base``); raises BadInput with MesaConfig's message."""
     d = dict(base or {})
-    for name in _POLICY:
+    for name, flag, _ in _policy_flags():
         v = getattr(args, name, None)
-        if v is not None:
-            d[name] = v
-    if getattr(args, "inner", None) is not None:
-        d["inner"] = args.inner
-    if getattr(args, "overrides", None):
-        pairs = []
-        for item in args.overrides:
-            pattern, sep, bits = item.rpartition("=")
-            if not sep or not pattern:
-                raise BadInput(f"actpass: --override must be GLOB=BITS, got {item!r}")
-            try:
-                pairs.append((pattern, int(bits)))
-            except ValueError:
-                raise BadInput(f"actpass: --override {item!r}: bits must be an integer") from None
-        d["overrides"] = pairs
+        if v is None:
+            continue
+        if name == "overrides":
+            v = [_override(flag, item) for item in v]
+        d[name] = v
     try:
         return MesaConfig.from_dict(d)
     except (ValueError, TypeError) as exc:
@@ -99,11 +132,35 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         raise BadInput(msg if msg.startswith("actpass:") else f"actpass: {msg}") from None
 
 
+def _override(flag: str, item: str) -> tuple[str, int]:
+    pattern, sep, bits = item.rpartition("=")
+    if not sep or not pattern:
+        raise BadInput(f"actpass: {flag} must be GLOB=BITS, got {item!r}")
+    try:
+        return pattern, int(bits)
+    except ValueError:
+        raise BadInput(f"actpass: {flag} {item!r}: bits must be an integer") from None
+
+
+def version_text() -> str:
+    """``actpass 0.1.0 (torch 2.13.0, Python 3.11.7)``, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from actpass import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"actpass {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="actpass",
         description="Inspect and budget the activation memory that torch.compile(backend='mesa') saves for backward.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="{inspect,check}", parser_class=_Parser)
     sub.required = True
 
@@ -118,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--format", choices=("table", "json", "markdown"), default="table", help="output format")
     ins.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
     ins.add_argument("--plot", metavar="FILE.png", help="also write bars of bytes before/after per module (matplotlib)")
+    ins.add_argument(
+        "--all",
+        dest="all_rows",
+        action="store_true",
+        help="table: one row per saved tensor (parameters and inputs by name, every view; no folding of repeated "
+        "blocks)",
+    )
+    ins.add_argument("--wide", action="store_true", help="table: every column, no 120-column limit")
+    ins.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="table: the long reason of each decision, the pass's own time per graph, the whole reconciliation",
+    )
     ins.add_argument(
         "--baseline",
         default="inductor",
@@ -175,10 +246,21 @@ def _require_file(path: str, what: str = "model file") -> None:
 
 
 def _quiet_torch() -> None:
-    """Keep the user's stderr to what actpass says: torch's own warnings are not about their input."""
+    """Keep the user's stderr to what actpass says: torch's own warnings are not about their input, and actpass's
+    warnings are one line each (``actpass: warning: ...``), without the file and line they were raised from."""
     import warnings
 
     warnings.filterwarnings("ignore", module=r"torch\..*")
+    show = warnings.showwarning
+
+    def one_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = str(message)
+        if text.startswith("actpass: "):
+            print(f"actpass: warning: {text.removeprefix('actpass: ')}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
 
 
 def _load(
@@ -254,6 +336,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     before = _measure_baseline(spec, baseline) if baseline else None
     backend, after = _measure_mesa(spec, config)
+    backend.check_globs()
 
     from actpass import report as rpt
 
@@ -276,9 +359,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model=model_info,
         baseline_backend=baseline,
         skips=skips,
+        timings={t.graph_id: (t.analysis_seconds, t.rewrite_seconds) for t in getattr(backend, "timings", [])},
     )
-    render = {"table": rpt.render_table, "json": rpt.render_json, "markdown": rpt.render_markdown}[args.format]
-    _write(render(report), args.output)
+    if args.format == "table":
+        text = rpt.render_table(report, all_rows=args.all_rows, wide=args.wide, verbose=args.verbose)
+    else:
+        text = {"json": rpt.render_json, "markdown": rpt.render_markdown}[args.format](report)
+    _write(text, args.output)
     if args.plot:
         try:
             rpt.plot(report, args.plot)
@@ -319,7 +406,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ModelFileError as exc:
             raise BadInput(f"{exc} [{budgets.path}: model {b.index + 1}]") from None
         logging.getLogger("actpass.cli").info("actpass: measuring %s ...", b.label)
-        _, measured = _measure_mesa(spec, config)
+        backend, measured = _measure_mesa(spec, config)
+        backend.check_globs()
         if args.update:
             values = {"max_saved_bytes": measured.total}
             note = ""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import math
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +30,13 @@ class Inner(str, enum.Enum):
     EAGER = "eager"  # run the rewritten FX graphs as they are: for debugging
 
 
+class Codec(str, enum.Enum):
+    """How quantize/dequantize are emitted into the graphs (see ``actpass/emit.py``)."""
+
+    AUTO = "auto"  # Inductor fuses them (aten ops) where it can: inner="inductor", dynamic stats, nearest rounding
+    KERNELS = "kernels"  # always the C++/CUDA extension ops
+
+
 _BITS = (2, 4, 8)
 
 
@@ -43,28 +53,84 @@ def _as_tuple(name: str, value: Any) -> tuple[str, ...]:
     return items
 
 
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A :class:`MesaConfig` field with its help text, which documents it in ``MesaConfig.__doc__`` and on the CLI.
+
+    Args:
+        default: the default value (immutable).
+        help: one line for users: what the field does and its values.
+        **cli: how ``actpass inspect`` spells the flag, when the field's name and type do not say it: ``flag``
+            (default ``--field-name``), ``metavar``.
+
+    Returns:
+        A ``dataclasses.field``.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass(frozen=True)
 class MesaConfig:
     """Everything the mesa backend can be told. Defaults work for transformers with no config at all.
+
+    Validated on construction: a bad value is a ``ValueError`` that names it. Choices may be given as strings
+    (``MesaConfig(stats="running")``). ``torch.compile(model, backend="mesa", options={...})`` and the budgets
+    file's ``[model.options]`` take the same fields; every field is also an ``actpass inspect`` flag.
 
     Example:
         >>> MesaConfig(bits=4, exclude=("head",)).to_dict()["bits"]
         4
     """
 
-    bits: int = 8  # code width for saved activations: 8, 4 or 2 (4 and 2 are packed)
-    stats: Stats = Stats.DYNAMIC  # per-step ranges, or Mesa's running (EMA) ranges
-    rounding: Rounding = Rounding.NEAREST  # round-to-nearest, or stochastic rounding
-    decay: float = 0.9  # EMA decay of running ranges (Mesa uses 0.9)
-    min_bytes: int = 4096  # saved tensors smaller than this stay exact (quantizing them saves ~nothing)
-    include: tuple[str, ...] = ("*",)  # module-path globs whose saved tensors may be quantized ("" = top level)
-    exclude: tuple[str, ...] = ()  # module-path globs whose saved tensors stay exact
-    include_ops: tuple[str, ...] = ()  # producer op globs that may be quantized (empty: all), e.g. "gelu*"
-    exclude_ops: tuple[str, ...] = ()  # producer op globs that stay exact, e.g. "_log_softmax"
-    overrides: tuple[tuple[str, int], ...] = ()  # (glob on "module:op#k" id, bits or 0 for exact), first match wins
-    inner: Inner = Inner.INDUCTOR  # compiler for the rewritten graphs
-    quantize_outputs: bool = False  # also quantize saved tensors returned to the caller (LM logits): saves memory
-    # only if the caller drops the output before backward (e.g. keeps just `.loss`); otherwise it adds a copy
+    bits: int = option(8, "code width of saved activations: 8, 4 or 2 (4 and 2 are packed, 2 or 4 codes per byte)")
+    stats: Stats = option(
+        Stats.DYNAMIC, "where each group's range comes from: 'dynamic' (this step's tensor) or 'running' (Mesa's EMA)"
+    )
+    rounding: Rounding = option(Rounding.NEAREST, "'nearest' or 'stochastic' (unbiased) rounding to codes")
+    decay: float = option(0.9, "EMA decay of running ranges (Mesa uses 0.9); only with stats='running'")
+    min_bytes: int = option(4096, "saved tensors smaller than this many bytes stay exact (quantizing saves ~nothing)")
+    include: tuple[str, ...] = option(
+        ("*",), "module-path globs whose saved tensors may be quantized ('' is the top level)", metavar="GLOB"
+    )
+    exclude: tuple[str, ...] = option(
+        (), "module-path globs whose saved tensors stay exact, e.g. 'head'", metavar="GLOB"
+    )
+    include_ops: tuple[str, ...] = option(
+        (), "producer-op globs that may be quantized (empty: all), e.g. 'gelu*'", flag="--include-op", metavar="GLOB"
+    )
+    exclude_ops: tuple[str, ...] = option(
+        (), "producer-op globs that stay exact, e.g. 'div*'", flag="--exclude-op", metavar="GLOB"
+    )
+    overrides: tuple[tuple[str, int], ...] = option(
+        (),
+        "bits per tensor id: glob on the 'module:op#k' id shown by `actpass inspect` -> 8, 4, 2 or 0 (exact); "
+        "the first match wins",
+        flag="--override",
+        metavar="GLOB=BITS",
+    )
+    inner: Inner = option(
+        Inner.INDUCTOR,
+        "compiler of the rewritten graphs: 'inductor', or 'eager' (the FX graphs as they are: debugging)",
+    )
+    quantize_outputs: bool = option(
+        True,
+        "also quantize saved tensors that are returned to the caller (LM logits): saves memory when the caller drops "
+        "the output before backward (keeps just `.loss`, the usual loop); a loop that holds it gets an extra copy",
+    )
+    recompute: bool = option(
+        True,
+        "rebuild cheap elementwise results (LayerNorm affine outputs, GELU/SiLU outputs, casts of parameters) in "
+        "backward from tensors stored anyway, instead of storing them",
+    )
+    budget: int | float | None = option(
+        None,
+        "saved-activation budget: a byte count (int >= 1) or a fraction in (0, 1) of what the baseline partition "
+        "saves; the planner then picks each tensor's precision by least estimated gradient error",
+    )
+    codec: Codec = option(
+        Codec.AUTO,
+        "how quantize/dequantize enter the graphs: 'auto' (aten ops Inductor fuses into its kernels, where they "
+        "apply) or 'kernels' (the C++/CUDA extension ops everywhere)",
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -73,11 +139,15 @@ class MesaConfig:
         set_(self, "stats", _enum(Stats, "stats", self.stats))
         set_(self, "rounding", _enum(Rounding, "rounding", self.rounding))
         set_(self, "inner", _enum(Inner, "inner", self.inner))
+        set_(self, "codec", _enum(Codec, "codec", self.codec))
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
             raise ValueError(f"actpass: decay must be a number in [0, 1), got {self.decay!r}")
         set_(self, "decay", float(self.decay))
         if isinstance(self.min_bytes, bool) or not isinstance(self.min_bytes, int) or self.min_bytes < 0:
             raise ValueError(f"actpass: min_bytes must be a non-negative integer, got {self.min_bytes!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"actpass: recompute must be true or false, got {self.recompute!r}")
+        set_(self, "budget", _budget(self.budget))
         if not isinstance(self.quantize_outputs, bool):
             raise ValueError(f"actpass: quantize_outputs must be true or false, got {self.quantize_outputs!r}")
         for name in ("include", "exclude", "include_ops", "exclude_ops"):
@@ -107,11 +177,38 @@ class MesaConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             known = ", ".join(sorted(names))
-            raise ValueError(f"actpass: unknown option(s) {', '.join(map(repr, unknown))}; known: {known}")
+            near = [m for u in unknown for m in difflib.get_close_matches(str(u), names, n=1)]
+            hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+            raise ValueError(f"actpass: unknown option(s) {', '.join(map(repr, unknown))}{hint}; known: {known}")
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> MesaConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _budget(value: Any) -> int | float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"actpass: budget must be a byte count (int >= 1) or a fraction in (0, 1), got {value!r}")
+    if isinstance(value, float) and value >= 1.0:
+        if not value.is_integer():
+            raise ValueError(f"actpass: budget {value!r}: a fraction must be in (0, 1); a byte count must be whole")
+        return int(value)
+    return value
+
+
+def _document_fields(cls: type) -> None:
+    """Append a ``Fields:`` section, built from each field's help, to ``cls.__doc__``."""
+    lines = ["", "    Fields:"]
+    for f in dataclasses.fields(cls):
+        default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        text = f"{f.name} (default {default!r}): {f.metadata.get('help', '')}"
+        lines += textwrap.wrap(text, 112, initial_indent=" " * 8, subsequent_indent=" " * 12)
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(MesaConfig)
 
 
 def _enum(kind: type[enum.Enum], name: str, value: Any) -> Any:

@@ -71,6 +71,7 @@ class SavedBytes:
     seconds: float  # wall time of compile + forward (+ backward)
     records: tuple[StorageRecord, ...] = ()
     plan_graphs: dict[int, int] = dataclasses.field(default_factory=dict)  # backend plan index -> compiled graph
+    returned_cache_bytes: int = 0  # a KV cache the model returned while training (past_key_values), 0 if none
 
     def graph_total(self, graph: int | None) -> int:
         """Bytes saved while compiled graph ``graph`` (0-based) ran; ``None``: by eager code outside any graph."""
@@ -235,6 +236,36 @@ class SavedTensorCounter:
         )
 
 
+def returned_cache_bytes(output: Any) -> int:
+    """Bytes of the KV cache a model returned (``past_key_values``, as Hugging Face models do with ``use_cache``).
+
+    In training the cache is useless and the caller keeps it alive as long as it holds the output.
+    """
+    cache = getattr(output, "past_key_values", None)
+    if cache is None and isinstance(output, Mapping):
+        cache = output.get("past_key_values")
+    if cache is None:
+        return 0
+    seen: dict[tuple[int, int, str], int] = {}
+
+    def walk(obj: Any, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            seen[key] = key[1]
+        elif depth > 0 and isinstance(obj, Mapping):
+            for v in obj.values():
+                walk(v, depth - 1)
+        elif depth > 0 and isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth - 1)
+        elif depth > 0 and hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
+                walk(v, depth - 1)
+
+    walk(cache, 5)
+    return sum(seen.values())
+
+
 def backend_label(backend: Any) -> str:
     if isinstance(backend, str):
         return backend
@@ -343,6 +374,7 @@ def measure_saved_bytes(
     with counter:
         output = compiled(*args, **kwargs)
     counter.graphs = wrapped.count
+    cache_bytes = returned_cache_bytes(output) if model.training else 0
     if backward:
         old = {p: p.grad for p in model.parameters()}
         for p in old:
@@ -356,6 +388,38 @@ def measure_saved_bytes(
     else:
         del output
     result = counter.result()
-    result = dataclasses.replace(result, seconds=time.perf_counter() - t0)
+    result = dataclasses.replace(result, seconds=time.perf_counter() - t0, returned_cache_bytes=cache_bytes)
     log.info("actpass: [%s] %d bytes saved for backward in %d storages", label, result.total, result.storages)
     return result
+
+
+def peak_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before it.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` after a reset. On CPU: the profiler's allocation events
+    (``torch.profiler.profile(profile_memory=True)``), each op's ``self_cpu_memory_usage`` (not
+    ``cpu_memory_usage``, which counts a parent op and its children twice) summed in time order; the maximum of the
+    running sum.
+
+    Example:
+        >>> peak_bytes(lambda: torch.ones(1024, 1024).sum()) >= 4 * 1024 * 1024
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak

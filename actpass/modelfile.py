@@ -214,7 +214,7 @@ def load_model_file(
         obj = _call0(obj, model_attr, p)
         if not isinstance(obj, torch.nn.Module):
             raise ModelFileError(f"actpass: `{model_attr}()` in {p} returned a {type(obj).__name__}, not an nn.Module")
-    inputs = _resolve(module, inputs_attr, "a tuple of inputs or a zero-argument callable returning one", p)
+    inputs = _resolve(module, inputs_attr, "a tuple or dict of inputs, or a zero-argument callable returning one", p)
     if callable(inputs) and not isinstance(inputs, torch.Tensor):
         inputs = _call0(inputs, inputs_attr, p)
     args, kwargs = _split_inputs(inputs, inputs_attr, p)
@@ -269,7 +269,10 @@ def _split_inputs(inputs: Any, attr: str, path: Path) -> tuple[tuple[Any, ...], 
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
-    raise ModelFileError(f"actpass: `{attr}` in {path} is a {type(inputs).__name__}; expected a tuple of inputs")
+    raise ModelFileError(
+        f"actpass: `{attr}` in {path} is a {type(inputs).__name__}; expected a tuple of inputs or a dict of keyword "
+        "arguments"
+    )
 
 
 def check_trainable(spec: ModelSpec) -> None:

@@ -3,6 +3,8 @@
 * ``actpass::quantize(x, bits, gend, groups, stochastic, running?, decay) -> (q, scale, lo)``: the kernel op. The
   optional ``running`` ``[2, G]`` fp32 buffer is updated in place (Mesa's EMA of each group's range).
 * ``actpass::dequantize(q, scale, lo, bits, gend, last_dim, dtype) -> Tensor``: contiguous, exact shape.
+* ``actpass::pack_mask(x) -> q`` / ``actpass::unpack_mask(q, shape) -> x``: bool tensors (dropout and attention
+  masks) stored as 1 bit per element, losslessly.
 * ``actpass::quantize_saved(x, bits, gend, groups, stochastic, key, decay) -> (q, scale, lo)``: the op the pass
   inserts into forward graphs. ``key`` names a running-statistics entry in a :class:`actpass.state.RunningStats`
   store (empty: per-step statistics). Holding the key instead of the buffer keeps the state out of the graph's
@@ -32,6 +34,8 @@ _LIB.define(
     "quantize_saved(Tensor x, int bits, int gend, int groups, bool stochastic, str key, float decay)"
     " -> (Tensor, Tensor, Tensor)"
 )
+_LIB.define("pack_mask(Tensor x) -> Tensor")
+_LIB.define("unpack_mask(Tensor q, SymInt[] shape) -> Tensor")
 
 
 def _quantize_ref(x, bits, gend, groups, stochastic, running, decay):
@@ -55,6 +59,8 @@ def _quantize_saved_impl(x, bits, gend, groups, stochastic, key, decay):
     return torch.ops.actpass.quantize.default(x, bits, gend, groups, stochastic, running, decay)
 
 
+_LIB.impl("pack_mask", _reference.pack_mask, "CompositeExplicitAutograd")
+_LIB.impl("unpack_mask", _reference.unpack_mask, "CompositeExplicitAutograd")
 _LIB.impl("quantize", _quantize_ref, "CompositeExplicitAutograd")
 _LIB.impl("dequantize", _dequantize_ref, "CompositeExplicitAutograd")
 _LIB.impl("quantize_saved", _quantize_saved_impl, "CompositeExplicitAutograd")
@@ -76,6 +82,16 @@ def _dequantize_fake(q, scale, lo, bits, gend, last_dim, dtype):
     return q.new_empty(shape, dtype=dtype)
 
 
+def _pack_mask_fake(x):
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+def _unpack_mask_fake(q, shape):
+    return q.new_empty(shape, dtype=torch.bool)
+
+
+torch.library.register_fake("actpass::pack_mask", _pack_mask_fake, lib=_LIB)
+torch.library.register_fake("actpass::unpack_mask", _unpack_mask_fake, lib=_LIB)
 torch.library.register_fake("actpass::quantize", _quantize_fake, lib=_LIB)
 torch.library.register_fake("actpass::quantize_saved", _quantize_saved_fake, lib=_LIB)
 torch.library.register_fake("actpass::dequantize", _dequantize_fake, lib=_LIB)

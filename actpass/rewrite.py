@@ -1,6 +1,6 @@
 """Rewrite: apply a :class:`~actpass.plan.GraphPlan` to a partitioned forward/backward pair.
 
-For a saved tensor ``x`` (a storage root, possibly saved through views ``v1 = view(x)`` ...)::
+Quantized storage ``x`` (a storage root, possibly saved through views ``v1 = view(x)`` ...)::
 
     forward before                          forward after
       x = aten.gelu(a)                        x = aten.gelu(a)
@@ -14,10 +14,16 @@ For a saved tensor ``x`` (a storage root, possibly saved through views ``v1 = vi
       y = aten.mm(g, x)                       x_hat = actpass.dequantize(x_actpass_q, ..., torch.float32)
                                               y = aten.mm(g, x_hat)
 
-The dequantize goes right before the first backward use, so only one dequantized activation is alive at a time.
-Non-contiguous roots are permuted to memory order before quantizing and permuted back after dequantizing, so the
-backward sees the original strides. Saved views are replayed on the dequantized root with the same view ops.
-New node names are unique in both graphs (FX would silently rename a clashing placeholder).
+Recomputed storage ``y = add(mul(n, w), b)`` (a LayerNorm affine output; ``n`` is saved anyway)::
+
+    forward: y is no longer returned         backward: y_hat = add(mul(n_hat, w), b)   just before y's first use
+
+The dequantize (or the replay) goes right before the first backward use, so only one rebuilt activation is alive at
+a time; a storage that a replay reads is dequantized before the replay. Non-contiguous roots are permuted to memory
+order before quantizing and permuted back after dequantizing, so the backward sees the original strides. Saved
+views are replayed on the rebuilt root with the same view ops. A replay that reads a parameter or a storage backward
+did not receive gets it as a new saved output (a parameter costs nothing: it is alive anyway). New node names are
+unique in both graphs (FX would silently rename a clashing placeholder).
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import operator
 import torch
 import torch.fx as fx
 
+from actpass import emit as _emit
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
-from actpass.analysis import storage_root, view_chain
-from actpass.config import MesaConfig, Rounding
+from actpass.analysis import GraphFacts, StorageFacts, storage_root, view_chain
+from actpass.config import MesaConfig
 from actpass.plan import GraphPlan, SavedTensor
 from actpass.symbols import SymSource
 
@@ -59,160 +66,342 @@ def _fake_mode(val: torch.Tensor):
     return mode
 
 
-def apply_plan(
-    fw: fx.GraphModule, bw: fx.GraphModule, plan: GraphPlan, num_fwd_outputs: int, config: MesaConfig
-) -> None:
-    """Rewrite ``fw`` and ``bw`` in place as ``plan`` says. Raises :class:`RewriteError` on a contract mismatch."""
-    fw_out = next(iter(fw.graph.find_nodes(op="output")))
-    outs = list(fw_out.args[0])
-    saved_pos = {n.name: i for i, n in enumerate(outs) if i >= num_fwd_outputs and isinstance(n, fx.Node)}
-    bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
-    fw_nodes = {n.name: n for n in fw.graph.nodes}
-    syms = SymSource(bw.graph)
-    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+class _Rewriter:
+    """State of one rewrite: the two graphs, their outputs/placeholders, and how to reach forward values in backward."""
 
-    by_root: dict[str, list[SavedTensor]] = {}
-    for t in plan.tensors:
-        if t.quantized:
-            by_root.setdefault(t.tensor_id, []).append(t)
+    def __init__(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, config: MesaConfig) -> None:
+        self.fw, self.bw, self.config = fw, bw, config
+        self.fw_out = next(iter(fw.graph.find_nodes(op="output")))
+        self.outs = list(self.fw_out.args[0])
+        self.num_fwd_outputs = num_fwd_outputs
+        self.bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
+        self.fw_nodes = {n.name: n for n in fw.graph.nodes}
+        self.syms = SymSource(bw.graph)
+        self.order = {n: i for i, n in enumerate(bw.graph.nodes)}
+        self.replace_out: dict[str, list[fx.Node]] = {}
+        self.extra_out: list[fx.Node] = []  # forward values added as saved outputs (parameters, roots of views)
+        self.bw_value: dict[str, fx.Node] = {}  # forward node name -> backward node holding its value
 
-    replace_out: dict[str, list[fx.Node]] = {}
-    for _tid, members in by_root.items():
+    # ---- helpers -------------------------------------------------------------------------------------------------
+    def first_use(self, names) -> fx.Node | None:
+        users = [u for nm in names if nm in self.bw_ph for u in self.bw_ph[nm].users]
+        if not users:
+            return None
+        return min(users, key=lambda u: self.order.get(u, len(self.order)))
+
+    def saved_placeholder(self, fw_node: fx.Node) -> fx.Node:
+        """The backward placeholder holding ``fw_node``'s value, adding it as a saved output if needed."""
+        if fw_node.name in self.bw_value:
+            return self.bw_value[fw_node.name]
+        ph = self.bw_ph.get(fw_node.name)
+        if ph is not None and fw_node.name not in self.replace_out:
+            self.bw_value[fw_node.name] = ph
+            return ph
+        # A new saved output, placed after the last saved tensor on both sides (their positions must correspond).
+        last_saved = [
+            n
+            for n in self.outs[self.num_fwd_outputs :]
+            if isinstance(n, fx.Node) and n.name in self.bw_ph and isinstance(n.meta.get("val"), torch.Tensor)
+        ]
+        if not last_saved:
+            raise RewriteError("no saved tensor to anchor a new saved output")
+        anchor = self.bw_ph[last_saved[-1].name]
+        anchor = max([anchor, *(self.bw_value[e.name] for e in self.extra_out)], key=lambda n: self.order.get(n, -1))
+        name = _unique(f"{fw_node.name}_actpass_src", self.fw.graph, self.bw.graph)
+        with self.bw.graph.inserting_after(anchor):
+            p = self.bw.graph.placeholder(name)
+        if p.name != name:
+            raise RewriteError(f"placeholder name {name} clashed")
+        p.meta["val"] = fw_node.meta["val"]
+        self.order[p] = self.order.get(anchor, 0) + 0.5
+        self.syms.add(p)
+        self.extra_out.append(fw_node)
+        self.bw_value[fw_node.name] = p
+        return p
+
+    def replay(self, nodes: list[fx.Node], env: dict[fx.Node, object]) -> None:
+        """Copy forward ``nodes`` into backward at the current insertion point, arguments mapped through ``env``."""
+        for n in nodes:
+            args = _map(n.args, env, self.syms)
+            kwargs = _map(n.kwargs, env, self.syms)
+            new = self.bw.graph.call_function(n.target, tuple(args), dict(kwargs))
+            new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+            new.meta["val"] = _fake_call(n, args, kwargs)
+            env[n] = new
+
+    # ---- quantized storages --------------------------------------------------------------------------------------
+    def quantize_forward(self, members: list[SavedTensor]) -> tuple[fx.Node, list[fx.Node], tuple]:
         first = members[0]
-        for t in members:
-            if t.name not in saved_pos or t.name not in bw_ph:
-                raise RewriteError(f"saved tensor {t.name} is not aligned between forward outputs and backward inputs")
-        member_nodes = [fw_nodes[t.name] for t in members]
+        member_nodes = [self.fw_nodes[t.name] for t in members]
         root = storage_root(member_nodes[0])
         rval = root.meta["val"]
         mode = _fake_mode(rval)
-
-        # ---- forward: quantize right after the root is produced ----
-        base = root.name
-        x = root
+        graph = self.fw.graph
+        x = anchor = root
+        if root.op == "placeholder":  # an activation handed over as a graph input: quantize after the inputs
+            anchor = list(graph.find_nodes(op="placeholder"))[-1]
         if first.perm:
-            with fw.graph.inserting_after(x):
-                x = fw.graph.call_function(aten.permute.default, (root, list(first.perm)))
+            with graph.inserting_after(anchor):
+                x = anchor = graph.call_function(aten.permute.default, (root, list(first.perm)))
             x.meta["val"] = rval.permute(first.perm)
-        if first.chunk > 1:
-            c = x.meta["val"].shape[-1]
-            with fw.graph.inserting_after(x):
-                xv = fw.graph.call_function(aten.view.default, (x, [-1, c // first.chunk, first.chunk]))
-            xv.meta["val"] = x.meta["val"].view(-1, c // first.chunk, first.chunk)
-            x = xv
-        key = first.stats_key
-        stochastic = config.rounding is Rounding.STOCHASTIC
-        args = (x, first.bits, first.gend, first.groups, stochastic, key, config.decay)
-        with mode:
-            fq, fs, flo = torch.ops.actpass.quantize_saved.default(x.meta["val"], *args[1:])
-        with fw.graph.inserting_after(x):
-            qnode = fw.graph.call_function(torch.ops.actpass.quantize_saved.default, args)
-        qnode.meta["val"] = (fq, fs, flo)
-        names = [_unique(f"{base}_actpass_{s}", fw.graph, bw.graph) for s in ("q", "s", "lo")]
+        qview = _qview_shape(first, x.meta["val"])
+        if qview is not None:
+            with graph.inserting_after(anchor):
+                xv = graph.call_function(aten.view.default, (x, qview))
+            xv.meta["val"] = x.meta["val"].view(qview)
+            x = anchor = xv
         outs_new: list[fx.Node] = []
-        prev = qnode
-        for i, (nm, v) in enumerate(zip(names, (fq, fs, flo), strict=True)):
-            with fw.graph.inserting_after(prev):
-                g = fw.graph.call_function(operator.getitem, (qnode, i))
-            g.name = nm
-            g.meta["val"] = v
-            outs_new.append(g)
-            prev = g
-        replace_out[first.name] = outs_new
+        fused = False
+        if first.bits == 16:  # half precision: a cast, which Inductor fuses
+            half = torch.ops.prims.convert_element_type.default
+            with mode:
+                vals = (half(x.meta["val"], torch.float16),)
+            with graph.inserting_after(anchor):
+                qnode = graph.call_function(half, (x, torch.float16))
+            qnode.meta["val"] = vals[0]
+            qnode.name = _unique(f"{root.name}_actpass_half", graph, self.bw.graph)
+            names = [qnode.name]
+            outs_new.append(qnode)
+        elif first.bits == 1:  # a bool mask: one packed tensor
+            with mode:
+                vals = (torch.ops.actpass.pack_mask.default(x.meta["val"]),)
+            with graph.inserting_after(anchor):
+                qnode = graph.call_function(torch.ops.actpass.pack_mask.default, (x,))
+            qnode.meta["val"] = vals[0]
+            qnode.name = _unique(f"{root.name}_actpass_bits", graph, self.bw.graph)
+            names = [qnode.name]
+            outs_new.append(qnode)
+        else:
+            fused = _emit.use_fused(self.config, x.meta["val"])
+            names = [_unique(f"{root.name}_actpass_{s}", graph, self.bw.graph) for s in ("q", "s", "lo")]
+            outs_new = _emit.emit_quantize(graph, x, first, self.config, names, fused, after=anchor)
+            names = [n.name for n in outs_new]
+            vals = tuple(n.meta["val"] for n in outs_new)
+        self.replace_out[first.name] = outs_new
         for t in members[1:]:
-            replace_out[t.name] = []
-
-        # ---- backward: new placeholders, dequantize before the first use ----
-        first_ph = bw_ph[first.name]
+            self.replace_out[t.name] = []
+        # Backward: the codes' placeholders take the first member's place.
+        first_ph = self.bw_ph[first.name]
         new_ph = []
-        for nm, v in zip(names, (fq, fs, flo), strict=True):
-            with bw.graph.inserting_before(first_ph):
-                p = bw.graph.placeholder(nm)
+        for nm, v in zip(names, vals, strict=True):
+            with self.bw.graph.inserting_before(first_ph):
+                p = self.bw.graph.placeholder(nm)
             if p.name != nm:
                 raise RewriteError(f"placeholder name {nm} clashed")
             p.meta["val"] = v
             new_ph.append(p)
-            syms.add(p)
-        users = [u for t in members for u in bw_ph[t.name].users]
-        if not users:
-            for t in members:
-                bw.graph.erase_node(bw_ph[t.name])
-            continue
-        first_use = min(users, key=lambda u: order.get(u, len(order)))
-        with bw.graph.inserting_before(first_use):
-            last = x.meta["val"].shape[-1]
-            last_arg = syms.emit(last, last)
-            deq = bw.graph.call_function(
-                torch.ops.actpass.dequantize.default,
-                (new_ph[0], new_ph[1], new_ph[2], first.bits, first.gend, last_arg, rval.dtype),
-            )
-            with mode:
-                deq.meta["val"] = torch.empty(x.meta["val"].shape, dtype=rval.dtype, device=rval.device)
+            self.syms.add(p)
+        return root, new_ph, (x.meta["val"], qview, fused)
+
+    def dequantize_backward(self, members: list[SavedTensor], root: fx.Node, new_ph, qinfo, at: fx.Node) -> None:
+        first = members[0]
+        rval = root.meta["val"]
+        mode = _fake_mode(rval)
+        xval, qview, fused = qinfo
+        graph = self.bw.graph
+        with graph.inserting_before(at):
+            if first.bits == 16:
+                cast = torch.ops.prims.convert_element_type.default
+                deq = graph.call_function(cast, (new_ph[0], rval.dtype))
+                with mode:
+                    deq.meta["val"] = cast(new_ph[0].meta["val"], rval.dtype)
+            elif first.bits == 1:
+                shape = [self.syms.emit(d, d) for d in xval.shape]
+                deq = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
+                with mode:
+                    deq.meta["val"] = torch.empty(xval.shape, dtype=rval.dtype, device=rval.device)
+            else:
+                last = xval.shape[-1]
+                last_arg = self.syms.emit(last, last)
+                deq = _emit.emit_dequantize(graph, new_ph, first, last_arg, xval.shape, rval.dtype, fused, at)
             y = deq
-            if first.chunk > 1:  # back from [rows, C/chunk, chunk] to the root's (memory-order) shape
+            if qview is not None:  # back from the grouping view to the root's (memory-order) shape
                 pshape = rval.permute(first.perm).shape if first.perm else rval.shape
-                y = bw.graph.call_function(aten.view.default, (deq, [syms.emit(d, d) for d in pshape]))
+                y = graph.call_function(aten.view.default, (deq, [self.syms.emit(d, d) for d in pshape]))
                 y.meta["val"] = deq.meta["val"].view(pshape)
             if first.perm:
                 inv = [0] * len(first.perm)
                 for i, p in enumerate(first.perm):
                     inv[p] = i
-                y = bw.graph.call_function(aten.permute.default, (y, inv))
+                y = graph.call_function(aten.permute.default, (y, inv))
                 y.meta["val"] = y.args[0].meta["val"].permute(inv)
-            for t, m in zip(members, member_nodes, strict=True):
-                cur = y
-                for step in view_chain(m):
-                    new_args = [cur]
-                    for a in step.args[1:]:
-                        new_args.append(_map_arg(a, syms))
-                    cur = bw.graph.call_function(step.target, tuple(new_args), dict(step.kwargs))
-                    cur.meta.update({k: v for k, v in step.meta.items() if k != "val"})
-                    cur.meta["val"] = _replay_val(step, cur)
-                ph = bw_ph[t.name]
-                ph.replace_all_uses_with(cur)
-                bw.graph.erase_node(ph)
+            self.bw_value[root.name] = y
+            self.replay_members(members, root, y)
 
-    new_outs: list = []
-    for i, n in enumerate(outs):
-        if i >= num_fwd_outputs and isinstance(n, fx.Node) and n.name in replace_out:
-            new_outs.extend(replace_out[n.name])
-        else:
-            new_outs.append(n)
-    fw_out.args = (tuple(new_outs),)
-    fw.graph.lint()
-    bw.graph.lint()
-    fw.recompile()
-    bw.recompile()
+    def replay_members(self, members: list[SavedTensor], root: fx.Node, y: fx.Node) -> None:
+        """Rebuild each saved member (the root or a view of it) from ``y`` and swap it in for its placeholder."""
+        for t in members:
+            m = self.fw_nodes[t.name]
+            env: dict[fx.Node, object] = {root: y}
+            chain = view_chain(m) if m is not root else []
+            self.replay(chain, env)
+            ph = self.bw_ph.get(t.name)
+            if ph is not None:
+                ph.replace_all_uses_with(env[m] if chain else y)
+
+    # ---- the end -------------------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        for ph in list(self.bw_ph.values()):
+            if ph.name in self.replace_out:
+                if ph.users:
+                    raise RewriteError(f"placeholder {ph.name} still has users after the rewrite")
+                self.bw.graph.erase_node(ph)
+        new_outs: list = []
+        last_saved = max(
+            (
+                i
+                for i, n in enumerate(self.outs)
+                if i >= self.num_fwd_outputs and isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
+            ),
+            default=len(self.outs) - 1,
+        )
+        for i, n in enumerate(self.outs):
+            if i >= self.num_fwd_outputs and isinstance(n, fx.Node) and n.name in self.replace_out:
+                new_outs.extend(self.replace_out[n.name])
+            else:
+                new_outs.append(n)
+            if i == last_saved:
+                new_outs.extend(self.extra_out)
+        self.fw_out.args = (tuple(new_outs),)
+        self.fw.graph.lint()
+        self.bw.graph.lint()
+        self.fw.recompile()
+        self.bw.recompile()
 
 
-def _map_arg(a, syms: SymSource):
+def apply_plan(
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    plan: GraphPlan,
+    num_fwd_outputs: int,
+    config: MesaConfig,
+    facts: GraphFacts | None = None,
+) -> None:
+    """Rewrite ``fw`` and ``bw`` in place as ``plan`` says. Raises :class:`RewriteError` on a contract mismatch.
+
+    Args:
+        facts: the facts the plan was made from; needed when the plan recomputes storages (their recipes).
+    """
+    rw = _Rewriter(fw, bw, num_fwd_outputs, config)
+    by_root: dict[str, list[SavedTensor]] = {}
+    for t in plan.tensors:
+        if t.quantized or t.recomputed:
+            if t.name not in rw.bw_ph or not any(
+                isinstance(o, fx.Node) and o.name == t.name for o in rw.outs[num_fwd_outputs:]
+            ):
+                raise RewriteError(f"saved tensor {t.name} is not aligned between forward outputs and backward inputs")
+            by_root.setdefault(t.tensor_id, []).append(t)
+    storage_of: dict[str, StorageFacts] = {}
+    if facts is not None:
+        for f in facts.storages:
+            storage_of[f.tensor_id] = f
+
+    # Recomputed storages: drop them from the saved outputs; note what their recipes read.
+    recomputed: list[tuple[list[SavedTensor], StorageFacts]] = []
+    needed_by: dict[str, list[str]] = {}  # source root name -> tensor ids of recomputed storages reading it
+    for tid, members in by_root.items():
+        if not members[0].recomputed:
+            continue
+        f = storage_of.get(tid)
+        if f is None or f.recipe is None:
+            raise RewriteError(f"{tid} is planned for recompute but has no recipe")
+        for t in members:
+            rw.replace_out[t.name] = []
+        recomputed.append((members, f))
+        for s in f.recipe.sources:
+            needed_by.setdefault(s, []).append(tid)
+
+    # Where each recomputed storage is first needed in backward.
+    need: dict[str, fx.Node | None] = {}
+    for members, f in recomputed:
+        need[f.tensor_id] = rw.first_use([t.name for t in members])
+
+    def earliest(nodes):
+        nodes = [n for n in nodes if n is not None]
+        return min(nodes, key=lambda u: rw.order.get(u, len(rw.order))) if nodes else None
+
+    # Quantized storages: quantize in forward; dequantize before the first use (or the first replay that reads it).
+    for members in by_root.values():
+        if not members[0].quantized:
+            continue
+        root, new_ph, qinfo = rw.quantize_forward(members)
+        at = earliest([rw.first_use([t.name for t in members]), *(need[r] for r in needed_by.get(root.name, []))])
+        if at is None:
+            continue
+        rw.dequantize_backward(members, root, new_ph, qinfo, at)
+
+    # Recomputed storages: replay the recipe just before the first use.
+    for members, f in recomputed:
+        at = need[f.tensor_id]
+        if at is None:
+            continue
+        nodes = [rw.fw_nodes[n] for n in f.recipe.nodes]
+        env: dict[fx.Node, object] = {}
+        for s in f.recipe.sources:
+            src = rw.fw_nodes[s]
+            if s in rw.bw_value:
+                env[src] = rw.bw_value[s]
+            else:
+                env[src] = rw.saved_placeholder(src)
+        with bw.graph.inserting_before(at):
+            rw.replay(nodes, env)
+            root = rw.fw_nodes[f.root]
+            rw.replay_members(members, root, env[root])  # type: ignore[arg-type]
+    rw.finish()
+
+
+def _qview_shape(t: SavedTensor, val: torch.Tensor) -> list[int] | None:
+    """The grouping view a quantized storage is reshaped to before quantizing (channel chunks, row blocks)."""
+    if t.chunk > 1:
+        c = val.shape[-1]
+        return [-1, c // t.chunk, t.chunk]
+    if t.row_block > 1:
+        return [-1, t.row_block * val.shape[-1]]
+    return None
+
+
+def _map(a, env: dict[fx.Node, object], syms: SymSource):
     if isinstance(a, (list, tuple)):
-        return type(a)(_map_arg(x, syms) for x in a)
+        return type(a)(_map(x, env, syms) for x in a)
+    if isinstance(a, dict):
+        return {k: _map(v, env, syms) for k, v in a.items()}
     if isinstance(a, fx.Node):
+        if a in env:
+            return env[a]
+        if not isinstance(a.meta.get("val"), torch.SymInt) or not syms.can_emit(a):
+            raise RewriteError(f"replayed op reads {a.name}, which backward does not have")
         return syms.emit(a, a.meta.get("val"))
     if isinstance(a, torch.SymInt):
         return syms.emit(a, a)
     return a
 
 
-def _replay_val(step: fx.Node, new: fx.Node):
-    """Recompute the replayed view's fake value from its (fake) input, so strides come from the dequantized root."""
-    src = new.args[0]
-    sval = src.meta["val"] if isinstance(src, fx.Node) else src
-    if step.target is operator.getitem:
-        return sval[new.args[1]]
-    args = [sval] + [(_val(a)) for a in new.args[1:]]
-    mode = getattr(step.meta["val"], "fake_mode", None) if isinstance(step.meta["val"], torch.Tensor) else None
-    if mode is None:
-        vals = step.meta["val"]
-        mode = getattr(vals[0], "fake_mode", None) if isinstance(vals, (list, tuple)) else None
-    with mode:
-        return step.target(*args, **step.kwargs)
-
-
 def _val(a):
     if isinstance(a, (list, tuple)):
         return type(a)(_val(x) for x in a)
+    if isinstance(a, dict):
+        return {k: _val(v) for k, v in a.items()}
     if isinstance(a, fx.Node):
         return a.meta["val"]
     return a
+
+
+def _fake_call(step: fx.Node, args, kwargs):
+    """The fake value of ``step`` replayed on new (fake) inputs, so strides follow the new inputs."""
+    sval = step.meta.get("val")
+    if step.target is operator.getitem:
+        return _val(args[0])[args[1]]
+    vals = sval if isinstance(sval, (list, tuple)) else [sval]
+    mode = next((getattr(v, "fake_mode", None) for v in vals if isinstance(v, torch.Tensor)), None)
+    if mode is None:
+        mode = next((getattr(v, "fake_mode", None) for v in _flat(_val(args)) if isinstance(v, torch.Tensor)), None)
+    if mode is None:
+        raise RewriteError(f"cannot find the fake mode to replay {step.name}")
+    with mode:
+        return step.target(*_val(args), **_val(kwargs))
+
+
+def _flat(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flat(v)]
+    return [x]

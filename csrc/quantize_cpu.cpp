@@ -1,8 +1,8 @@
 // CPU kernels for actpass::quantize and actpass::dequantize (registered for the CPU dispatch key).
 //
-// quantize reads the input twice: one parallel pass for the per-group (min, max, has-NaN), a per-group finalisation
-// (running EMA, scale, reciprocal: O(G)), then one parallel pass that writes the codes, packed. dequantize is one
-// pass. Arithmetic follows actpass/_reference.py bit for bit with nearest rounding (see quantize_common.h).
+// quantize: per-group (min, max, has-NaN), a per-group finalisation (running EMA, scale, reciprocal), then the codes,
+// packed; where every group is one run that fits in L2 the three happen in one visit of the run, elsewhere in two
+// parallel passes (see quantize_cpu_kernels.h). dequantize is one pass. Arithmetic follows actpass/_reference.py bit for bit with nearest rounding (see quantize_common.h).
 //
 // Stochastic rounding draws u ~ U[0, 1) for element i from Philox4x32-10 keyed by a 64-bit seed taken from the
 // default CPU generator (so torch.manual_seed reproduces it), with subsequence i / 4 and lane i % 4: the draws do
@@ -41,18 +41,18 @@ namespace actpass {
 constexpr int64_t kGrain = 1 << 15;
 
 namespace isa_default {
-#define AP_F16C 0
+#define AP_AVX2 0
 #include "quantize_cpu_kernels.h"
-#undef AP_F16C
+#undef AP_AVX2
 }  // namespace isa_default
 
 #if AP_HAVE_AVX2_COPY
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
 namespace isa_avx2 {
-#define AP_F16C 1
+#define AP_AVX2 1
 #include "quantize_cpu_kernels.h"
-#undef AP_F16C
+#undef AP_AVX2
 }  // namespace isa_avx2
 #pragma GCC pop_options
 #endif
@@ -74,37 +74,18 @@ bool use_avx2() {
 template <typename T>
 void run_quantize(const T* x, const Layout& L, float* running, float* scale, float* lo, float* inv, int64_t bits,
                   bool stochastic, uint64_t seed, EmaParams ema, uint8_t* q) {
-  const float levels = static_cast<float>((1 << bits) - 1);
-  const auto finalize = [&](const auto& stats) {
-    const int64_t G = L.G;
-    at::parallel_for(0, G, 4096, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        finalize_group(stats[g].lo, stats[g].hi, stats[g].nan, running ? running + g : nullptr,
-                       running ? running + G + g : nullptr, ema, levels, lo + g, scale + g, inv + g);
-      }
-    });
-  };
 #if AP_HAVE_AVX2_COPY
-  if (use_avx2()) {
-    std::vector<isa_avx2::Stat> stats;
-    isa_avx2::group_stats(x, L, stats);
-    finalize(stats);
-    isa_avx2::codes_kernel(x, L, lo, inv, bits, stochastic, seed, q);
-    return;
-  }
+  if (use_avx2()) return isa_avx2::quantize_kernel(x, L, running, ema, lo, scale, inv, bits, stochastic, seed, q);
 #endif
-  std::vector<isa_default::Stat> stats;
-  isa_default::group_stats(x, L, stats);
-  finalize(stats);
-  isa_default::codes_kernel(x, L, lo, inv, bits, stochastic, seed, q);
+  isa_default::quantize_kernel(x, L, running, ema, lo, scale, inv, bits, stochastic, seed, q);
 }
 
 template <typename OUT>
 void run_dequantize(const uint8_t* q, const Layout& L, const float* scale, const float* lo, int64_t bits, OUT* y) {
 #if AP_HAVE_AVX2_COPY
-  if (use_avx2()) return isa_avx2::values_kernel(q, L, scale, lo, bits, y);
+  if (use_avx2()) return isa_avx2::dequantize_kernel(q, L, scale, lo, bits, y);
 #endif
-  isa_default::values_kernel(q, L, scale, lo, bits, y);
+  isa_default::dequantize_kernel(q, L, scale, lo, bits, y);
 }
 
 uint64_t draw_seed() {

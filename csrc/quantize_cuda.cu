@@ -1,6 +1,8 @@
 // CUDA kernels for actpass::quantize and actpass::dequantize (registered for the CUDA dispatch key).
 //
-// quantize = memset of a [3, G] workspace, one statistics kernel (first read of x), a per-group finalisation kernel
+// quantize: where every group is one run of 256..65536 elements (per row, per (batch, head)), one kernel with one block
+// per run (statistics by block reduction, finalisation, codes; the second read mostly hits L2). Elsewhere: one kernel
+// that initialises a [3, G] workspace, one statistics kernel (first read of x), a per-group finalisation kernel
 // (running EMA, scale, reciprocal), one codes kernel (second read of x, packed write). dequantize = one kernel. The
 // arithmetic is that of actpass/_reference.py with every fp32 operation rounded on its own (__fmul_rn/__fadd_rn, and
 // nvcc --fmad=false), so nearest rounding matches the reference bit for bit.
@@ -265,13 +267,142 @@ __device__ __forceinline__ uint32_t lane_of(const uint4& r, int k) {
   return k == 0 ? r.x : k == 1 ? r.y : k == 2 ? r.z : r.w;
 }
 
-// FAST: last % 8 == 0 and x 16-byte aligned; a unit is 8 elements of one line, written as 8 / (8 / BITS) bytes.
-// Otherwise a unit is one output byte (8 / BITS elements, fewer at the end of a line), with scalar loads.
+__device__ __forceinline__ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// 8 uniforms (stochastic) for elements [e, e + 8), e a multiple of 4: two Philox blocks, one per 4 elements.
+__device__ __forceinline__ void draw8(uint64_t seed, uint64_t offset, int64_t e, float (&r)[kVec]) {
+  const uint4 a = philox_quad(seed, offset, e / 4);
+  const uint4 b = philox_quad(seed, offset, e / 4 + 1);
+  r[0] = uniform_of(a.x); r[1] = uniform_of(a.y); r[2] = uniform_of(a.z); r[3] = uniform_of(a.w);
+  r[4] = uniform_of(b.x); r[5] = uniform_of(b.y); r[6] = uniform_of(b.z); r[7] = uniform_of(b.w);
+}
+
+// Packs 8 codes and stores them at `out` (8 / per bytes, aligned to that size).
+template <int BITS>
+__device__ __forceinline__ void store_codes8(uint8_t* out, const uint8_t (&c)[kVec]) {
+  constexpr int per = 8 / BITS;
+  uint32_t b[kVec / per];
+#pragma unroll
+  for (int j = 0; j < kVec / per; ++j) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int k = 0; k < per; ++k) w |= static_cast<uint32_t>(c[j * per + k]) << (k * BITS);
+    b[j] = w;
+  }
+  if constexpr (BITS == 8) {
+    *reinterpret_cast<uint2*>(out) = make_uint2(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24,
+                                                b[4] | b[5] << 8 | b[6] << 16 | b[7] << 24);
+  } else if constexpr (BITS == 4) {
+    *reinterpret_cast<uint32_t*>(out) = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24;
+  } else {
+    *reinterpret_cast<uint16_t*>(out) = static_cast<uint16_t>(b[0] | b[1] << 8);
+  }
+}
+
+// Vector unit: the 8 elements [e, e + 8) of one line (last % 8 == 0, x 16-byte aligned), group parameters either
+// fixed (lo_f/inv_f, FIXED) or looked up (R >= 8: one group for the unit; R == 1: one group per element).
+template <typename T, int BITS, bool STOCH, bool FIXED>
+__device__ __forceinline__ void code_unit8(const typename Io<T>::raw* __restrict__ x, const Geom& geo, int64_t e,
+                                           const float* __restrict__ glo, const float* __restrict__ ginv, float lo_f,
+                                           float inv_f, uint64_t seed, uint64_t offset, uint8_t* __restrict__ q) {
+  constexpr int per = 8 / BITS;
+  constexpr float levels = static_cast<float>((1 << BITS) - 1);
+  float v[kVec];
+  load8<T>(x + e, v);
+  float r[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) r[k] = 0.5f;
+  if constexpr (STOCH) draw8(seed, offset, e, r);
+  uint8_t c[kVec];
+  if (FIXED || geo.R >= kVec) {  // R is a multiple of last, hence of 8: one group for the unit
+    float lo = lo_f, inv = inv_f;
+    if constexpr (!FIXED) {
+      const int64_t g = (e / geo.R) % geo.G;
+      lo = glo[g];
+      inv = ginv[g];
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) c[k] = code_of(v[k], lo, inv, r[k], levels);
+  } else {  // R == 1: one group per element
+    int64_t g = e % geo.G;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      c[k] = code_of(v[k], glo[g], ginv[g], r[k], levels);
+      g = g + 1 == geo.G ? 0 : g + 1;
+    }
+  }
+  store_codes8<BITS>(q + e / per, c);  // last % 8 == 0: lines pack without padding
+}
+
+// Scalar unit: codes [c0, c0 + 4) of line `line` (fewer at the line's end), so the unit owns its 4, 2 or 1 output
+// bytes at every width. One division finds the group of its first element; the group then advances without dividing
+// (the old per-byte unit paid 2-3 64-bit divisions per element). Stochastic rounding draws one Philox block for the
+// unit, a second only when its flat indices straddle a multiple of 4 (last % 4 != 0).
+template <typename T, int BITS, bool STOCH, bool FIXED>
+__device__ __forceinline__ void code_unit4(const typename Io<T>::raw* __restrict__ x, const Geom& geo, int64_t line,
+                                           int64_t c0, const float* __restrict__ glo, const float* __restrict__ ginv,
+                                           float lo_f, float inv_f, uint64_t seed, uint64_t offset,
+                                           uint8_t* __restrict__ q) {
+  constexpr int per = 8 / BITS;
+  constexpr float levels = static_cast<float>((1 << BITS) - 1);
+  const int n = static_cast<int>(min(static_cast<int64_t>(4), geo.last - c0));
+  const int64_t i0 = line * geo.last + c0;
+  int64_t g = 0, left = 0;  // group of the current element; elements left in its run (R > 1)
+  if constexpr (!FIXED) {
+    if (geo.R == 1) {
+      g = i0 % geo.G;
+    } else {
+      const int64_t j = i0 / geo.R;
+      g = j % geo.G;
+      left = geo.R - (i0 - j * geo.R);
+    }
+  }
+  uint4 ra = make_uint4(0, 0, 0, 0), rb = ra;
+  const int64_t quad = i0 / 4;
+  if constexpr (STOCH) {
+    ra = philox_quad(seed, offset, quad);
+    if ((i0 + n - 1) / 4 != quad) rb = philox_quad(seed, offset, quad + 1);
+  }
+  uint32_t codes = 0;  // up to 4 codes, 8 bits each
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (k < n) {
+      float r = 0.5f;
+      if constexpr (STOCH) {
+        const int m = static_cast<int>(i0 + k - 4 * quad);
+        r = uniform_of(m < 4 ? lane_of(ra, m) : lane_of(rb, m - 4));
+      }
+      const float lo = FIXED ? lo_f : glo[g];
+      const float inv = FIXED ? inv_f : ginv[g];
+      codes |= static_cast<uint32_t>(code_of(Io<T>::in(x[i0 + k]), lo, inv, r, levels)) << (8 * k);
+      if constexpr (!FIXED) {
+        if (geo.R == 1) {
+          g = g + 1 == geo.G ? 0 : g + 1;
+        } else if (--left == 0) {
+          g = g + 1 == geo.G ? 0 : g + 1;
+          left = geo.R;
+        }
+      }
+    }
+  }
+  uint8_t* out = q + line * geo.packed + c0 / per;  // c0 is a multiple of 4, hence of per
+  if constexpr (BITS == 8) {
+    for (int k = 0; k < n; ++k) out[k] = static_cast<uint8_t>(codes >> (8 * k));
+  } else if constexpr (BITS == 4) {
+    const uint32_t b0 = (codes & 0xFu) | ((codes >> 8) & 0xFu) << 4;
+    const uint32_t b1 = ((codes >> 16) & 0xFu) | ((codes >> 24) & 0xFu) << 4;
+    out[0] = static_cast<uint8_t>(b0);
+    if (n > 2) out[1] = static_cast<uint8_t>(b1);
+  } else {
+    out[0] = static_cast<uint8_t>((codes & 0x3u) | ((codes >> 8) & 0x3u) << 2 | ((codes >> 16) & 0x3u) << 4 |
+                                  ((codes >> 24) & 0x3u) << 6);
+  }
+}
+
+// FAST: last % 8 == 0 and x 16-byte aligned: 8-element vector units. Otherwise 4-code scalar units.
 template <typename T, int BITS, bool STOCH, bool FAST>
 __global__ void codes_kernel(const typename Io<T>::raw* __restrict__ x, Geom geo, const float* __restrict__ glo,
                              const float* __restrict__ ginv, at::PhiloxCudaState philox, uint8_t* __restrict__ q) {
-  constexpr int per = 8 / BITS;
-  constexpr float levels = static_cast<float>((1 << BITS) - 1);
   uint64_t seed = 0, offset = 0;
   if constexpr (STOCH) {
     const auto seeds = at::cuda::philox::unpack(philox);
@@ -283,66 +414,98 @@ __global__ void codes_kernel(const typename Io<T>::raw* __restrict__ x, Geom geo
   if constexpr (FAST) {
     const int64_t units = geo.numel / kVec;
     for (int64_t u = first; u < units; u += stride) {
-      const int64_t e = u * kVec;
-      float v[kVec];
-      load8<T>(x + e, v);
-      float r[kVec];
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) r[k] = 0.5f;
-      if constexpr (STOCH) {
-        const uint4 a = philox_quad(seed, offset, e / 4);
-        const uint4 b = philox_quad(seed, offset, e / 4 + 1);
-        r[0] = uniform_of(a.x); r[1] = uniform_of(a.y); r[2] = uniform_of(a.z); r[3] = uniform_of(a.w);
-        r[4] = uniform_of(b.x); r[5] = uniform_of(b.y); r[6] = uniform_of(b.z); r[7] = uniform_of(b.w);
-      }
-      uint8_t c[kVec];
-      if (geo.R >= kVec) {  // R is a multiple of last, hence of 8: one group for the unit
-        const int64_t g = (e / geo.R) % geo.G;
-        const float lo = glo[g], inv = ginv[g];
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) c[k] = code_of(v[k], lo, inv, r[k], levels);
-      } else {  // R == 1: one group per element
-        int64_t g = e % geo.G;
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          c[k] = code_of(v[k], glo[g], ginv[g], r[k], levels);
-          g = g + 1 == geo.G ? 0 : g + 1;
-        }
-      }
-      uint32_t b[kVec / per];
-#pragma unroll
-      for (int j = 0; j < kVec / per; ++j) {
-        uint32_t w = 0;
-#pragma unroll
-        for (int k = 0; k < per; ++k) w |= static_cast<uint32_t>(c[j * per + k]) << (k * BITS);
-        b[j] = w;
-      }
-      uint8_t* out = q + e / per;  // last % 8 == 0: lines pack without padding
-      if constexpr (BITS == 8) {
-        *reinterpret_cast<uint2*>(out) = make_uint2(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24,
-                                                    b[4] | b[5] << 8 | b[6] << 16 | b[7] << 24);
-      } else if constexpr (BITS == 4) {
-        *reinterpret_cast<uint32_t*>(out) = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24;
-      } else {
-        *reinterpret_cast<uint16_t*>(out) = static_cast<uint16_t>(b[0] | b[1] << 8);
-      }
+      code_unit8<T, BITS, STOCH, false>(x, geo, u * kVec, glo, ginv, 0.f, 0.f, seed, offset, q);
     }
   } else {
-    const int64_t nbytes = geo.numel / geo.last * geo.packed;
-    for (int64_t ob = first; ob < nbytes; ob += stride) {
-      const int64_t line = ob / geo.packed;
-      const int64_t c0 = (ob - line * geo.packed) * per;
-      const int64_t n = min(static_cast<int64_t>(per), geo.last - c0);
-      uint32_t w = 0;
-      for (int k = 0; k < n; ++k) {
-        const int64_t i = line * geo.last + c0 + k;
-        const int64_t g = (i / geo.R) % geo.G;
-        float r = 0.5f;
-        if constexpr (STOCH) r = uniform_of(lane_of(philox_quad(seed, offset, i / 4), static_cast<int>(i % 4)));
-        w |= static_cast<uint32_t>(code_of(Io<T>::in(x[i]), glo[g], ginv[g], r, levels)) << (k * BITS);
-      }
-      q[ob] = static_cast<uint8_t>(w);
+    const int64_t upl = div_up(geo.last, 4);  // units per line
+    const int64_t units = geo.numel / geo.last * upl;
+    for (int64_t u = first; u < units; u += stride) {
+      const int64_t line = u / upl;
+      code_unit4<T, BITS, STOCH, false>(x, geo, line, (u - line * upl) * 4, glo, ginv, 0.f, 0.f, seed, offset, q);
     }
+  }
+}
+
+// One block per run, where every group is one run (A == 1: per row, per (batch, head)) of at most kFuseMaxRun
+// elements: the run's statistics (block reduction, no atomics), its finalisation and its codes in one kernel, so a
+// quantize is one launch instead of a memset, a statistics kernel, a finalisation kernel and a codes kernel, and the
+// second read of the run mostly hits L2. VEC: R % 8 == 0 and x 16-byte aligned (loads); FAST: the codes' vector
+// units apply (last % 8 == 0, aligned).
+constexpr int64_t kFuseMaxRun = 1 << 16;
+
+template <typename T, int BITS, bool STOCH, bool VEC, bool FAST>
+__global__ void fused_runs_kernel(const typename Io<T>::raw* __restrict__ x, Geom geo, float* __restrict__ running,
+                                  EmaParams ema, float* __restrict__ glo, float* __restrict__ gscale,
+                                  float* __restrict__ ginv, at::PhiloxCudaState philox, uint8_t* __restrict__ q) {
+  constexpr float levels = static_cast<float>((1 << BITS) - 1);
+  __shared__ float s_lo[32], s_hi[32];
+  __shared__ int s_nan[32];
+  __shared__ float s_par[2];
+  uint64_t seed = 0, offset = 0;
+  if constexpr (STOCH) {
+    const auto seeds = at::cuda::philox::unpack(philox);
+    seed = std::get<0>(seeds);
+    offset = std::get<1>(seeds);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int64_t R = geo.R;
+  for (int64_t j = blockIdx.x; j < geo.G; j += gridDim.x) {
+    const typename Io<T>::raw* p = x + j * R;
+    Acc a;
+    if constexpr (VEC) {
+      for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < R; i += static_cast<int64_t>(blockDim.x) * kVec) {
+        float v[kVec];
+        load8<T>(p + i, v);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) a.add(v[k]);
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < R; i += blockDim.x) a.add(Io<T>::in(p[i]));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      a.lo = fminf(a.lo, __shfl_xor_sync(0xFFFFFFFFu, a.lo, off));
+      a.hi = fmaxf(a.hi, __shfl_xor_sync(0xFFFFFFFFu, a.hi, off));
+      a.nan = __shfl_xor_sync(0xFFFFFFFFu, static_cast<int>(a.nan), off) != 0 || a.nan;
+    }
+    if (lane == 0) {
+      s_lo[warp] = a.lo;
+      s_hi[warp] = a.hi;
+      s_nan[warp] = a.nan ? 1 : 0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float lo = INFINITY, hi = -INFINITY;
+      bool nan = false;
+      for (int w = 0; w < nwarps; ++w) {
+        lo = fminf(lo, s_lo[w]);
+        hi = fmaxf(hi, s_hi[w]);
+        nan = nan || s_nan[w] != 0;
+      }
+      // lo > hi (no non-NaN value) only for an all-NaN run; finalize_group then sees the NaN flag.
+      finalize_group(lo, hi, nan, running ? running + j : nullptr, running ? running + geo.G + j : nullptr, ema,
+                     levels, glo + j, gscale + j, ginv + j);
+      s_par[0] = glo[j];
+      s_par[1] = ginv[j];
+    }
+    __syncthreads();
+    const float lo = s_par[0], inv = s_par[1];
+    if constexpr (FAST) {
+      for (int64_t e = j * R + static_cast<int64_t>(threadIdx.x) * kVec; e < (j + 1) * R;
+           e += static_cast<int64_t>(blockDim.x) * kVec) {
+        code_unit8<T, BITS, STOCH, true>(x, geo, e, nullptr, nullptr, lo, inv, seed, offset, q);
+      }
+    } else {
+      const int64_t upl = div_up(geo.last, 4);
+      const int64_t line0 = j * R / geo.last;  // a run is whole lines
+      const int64_t units = R / geo.last * upl;
+      for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+        const int64_t l = u / upl;
+        code_unit4<T, BITS, STOCH, true>(x, geo, line0 + l, (u - l * upl) * 4, nullptr, nullptr, lo, inv, seed,
+                                         offset, q);
+      }
+    }
+    __syncthreads();  // s_par and the warp partials are reused by the next run
   }
 }
 
@@ -399,13 +562,35 @@ __global__ void values_kernel(const uint8_t* __restrict__ q, Geom geo, const flo
       store8<T>(y + e, v);
     }
   } else {
-    for (int64_t i = first; i < geo.numel; i += stride) {
-      const int64_t line = i / geo.last;
-      const int64_t c = i - line * geo.last;
-      const uint32_t byte = q[line * geo.packed + c / per];
-      const uint8_t code = static_cast<uint8_t>((byte >> ((c % per) * BITS)) & mask);
-      const int64_t g = (i / geo.R) % geo.G;
-      y[i] = Io<T>::out(value_of(code, gscale[g], glo[g]));
+    // 4-code units of one line, as the codes kernel's scalar path: one division for the line, one for the group.
+    const int64_t upl = div_up(geo.last, 4);
+    const int64_t units = geo.numel / geo.last * upl;
+    for (int64_t u = first; u < units; u += stride) {
+      const int64_t line = u / upl;
+      const int64_t c0 = (u - line * upl) * 4;
+      const int n = static_cast<int>(min(static_cast<int64_t>(4), geo.last - c0));
+      const int64_t i0 = line * geo.last + c0;
+      int64_t g, left = 0;
+      if (geo.R == 1) {
+        g = i0 % geo.G;
+      } else {
+        const int64_t j = i0 / geo.R;
+        g = j % geo.G;
+        left = geo.R - (i0 - j * geo.R);
+      }
+      const uint8_t* in = q + line * geo.packed + c0 / per;
+      uint32_t bytes = 0;  // the unit's packed bytes (4 at 8 bits, 2 at 4 bits, 1 at 2 bits)
+      for (int b = 0; b < (n + per - 1) / per; ++b) bytes |= static_cast<uint32_t>(in[b]) << (8 * b);
+      for (int k = 0; k < n; ++k) {
+        const uint8_t code = static_cast<uint8_t>((bytes >> (k * BITS)) & mask);
+        y[i0 + k] = Io<T>::out(value_of(code, gscale[g], glo[g]));
+        if (geo.R == 1) {
+          g = g + 1 == geo.G ? 0 : g + 1;
+        } else if (--left == 0) {
+          g = g + 1 == geo.G ? 0 : g + 1;
+          left = geo.R;
+        }
+      }
     }
   }
 }
@@ -462,8 +647,11 @@ void launch_stats(const typename Io<T>::raw* x, const Layout& L, unsigned* ws, c
   const int ty = kThreads / tx;
   const int64_t gx = divup(W, static_cast<int64_t>(tx) * V);
   TORCH_CHECK(gx <= 0x7FFFFFFF, "actpass::quantize: tensor too large");
-  // ~2 blocks per SM in all, each covering many rows: one global atomic per group and block.
-  int64_t gy = std::max<int64_t>(1, std::min<int64_t>(L.A, 2 * static_cast<int64_t>(sms) / gx));
+  // ~8 blocks per SM in all (2 per SM left most of an H100 idle on a [4096, 768] channel reduction), each covering
+  // at least kMinRowsPerBlock rows so that the global atomics (one per group and block) stay few.
+  constexpr int64_t kMinRowsPerBlock = 16;
+  int64_t gy = std::max<int64_t>(
+      1, std::min<int64_t>(divup(L.A, kMinRowsPerBlock), 8 * static_cast<int64_t>(sms) / gx));
   const int64_t rows_per_block = divup(L.A, gy);
   gy = divup(L.A, rows_per_block);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
@@ -487,9 +675,57 @@ void launch_codes(const typename Io<T>::raw* x, const Layout& L, const float* lo
     codes_kernel<T, BITS, STOCH, true><<<grid_for(L.numel / kVec), kThreads, 0, stream>>>(x, geo, lo, inv, philox, q);
   } else {
     codes_kernel<T, BITS, STOCH, false>
-        <<<grid_for(L.nlines * L.packed), kThreads, 0, stream>>>(x, geo, lo, inv, philox, q);
+        <<<grid_for(L.nlines * divup(L.last, 4)), kThreads, 0, stream>>>(x, geo, lo, inv, philox, q);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether quantize can run as one fused_runs_kernel launch: every group is one run (A == 1) of whole lines, short
+// enough for its second read to find it in L2, and long enough for a block.
+bool fused_layout(const Layout& L) { return L.A == 1 && L.R >= 256 && L.R <= kFuseMaxRun && L.R % L.last == 0; }
+
+template <typename T, int BITS, bool STOCH>
+void launch_fused(const typename Io<T>::raw* x, const Layout& L, float* running, EmaParams ema, float* lo,
+                  float* scale, float* inv, at::PhiloxCudaState philox, uint8_t* q, cudaStream_t stream) {
+  const Geom geo{L.numel, L.last, L.packed, L.R, L.G};
+  constexpr int per = 8 / BITS;
+  const bool vec = L.R % kVec == 0 && aligned(x, 16);
+  const bool fast = L.last % kVec == 0 && aligned(x, 16) && aligned(q, kVec / per);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(L.G, static_cast<int64_t>(num_sms()) * 8));
+  if (fast) {  // last % 8 == 0 implies R % 8 == 0
+    fused_runs_kernel<T, BITS, STOCH, true, true>
+        <<<blocks, kThreads, 0, stream>>>(x, geo, running, ema, lo, scale, inv, philox, q);
+  } else if (vec) {
+    fused_runs_kernel<T, BITS, STOCH, true, false>
+        <<<blocks, kThreads, 0, stream>>>(x, geo, running, ema, lo, scale, inv, philox, q);
+  } else {
+    fused_runs_kernel<T, BITS, STOCH, false, false>
+        <<<blocks, kThreads, 0, stream>>>(x, geo, running, ema, lo, scale, inv, philox, q);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_fused_any(const typename Io<T>::raw* x, const Layout& L, float* running, EmaParams ema, float* lo,
+                      float* scale, float* inv, int64_t bits, bool stochastic, at::PhiloxCudaState philox, uint8_t* q,
+                      cudaStream_t stream) {
+  if (stochastic) {
+    if (bits == 8) launch_fused<T, 8, true>(x, L, running, ema, lo, scale, inv, philox, q, stream);
+    else if (bits == 4) launch_fused<T, 4, true>(x, L, running, ema, lo, scale, inv, philox, q, stream);
+    else launch_fused<T, 2, true>(x, L, running, ema, lo, scale, inv, philox, q, stream);
+  } else {
+    if (bits == 8) launch_fused<T, 8, false>(x, L, running, ema, lo, scale, inv, philox, q, stream);
+    else if (bits == 4) launch_fused<T, 4, false>(x, L, running, ema, lo, scale, inv, philox, q, stream);
+    else launch_fused<T, 2, false>(x, L, running, ema, lo, scale, inv, philox, q, stream);
+  }
+}
+
+// [min keys (G) = 0xFFFFFFFF, max keys (G) = 0, NaN flags (G) = 0] in one launch (it was two memsets).
+__global__ void init_ws_kernel(unsigned* __restrict__ ws, int64_t G) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < 3 * G;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    ws[i] = i < G ? 0xFFFFFFFFu : 0u;
+  }
 }
 
 template <typename T>
@@ -515,7 +751,7 @@ void launch_values(const uint8_t* q, const Layout& L, const float* scale, const 
   if (fast) {
     values_kernel<T, BITS, true><<<grid_for(L.numel / kVec), kThreads, 0, stream>>>(q, geo, scale, lo, y);
   } else {
-    values_kernel<T, BITS, false><<<grid_for(L.numel), kThreads, 0, stream>>>(q, geo, scale, lo, y);
+    values_kernel<T, BITS, false><<<grid_for(L.nlines * divup(L.last, 4)), kThreads, 0, stream>>>(q, geo, scale, lo, y);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -541,11 +777,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
   const at::Tensor x = x_in.contiguous();
   at::Tensor run = running.has_value() ? running->contiguous() : at::Tensor();
   at::Tensor inv = at::empty({G}, x.options().dtype(at::kFloat));
-  at::Tensor ws = at::empty({3 * G}, x.options().dtype(at::kInt));
-  unsigned* wsp = reinterpret_cast<unsigned*>(ws.data_ptr<int32_t>());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(cudaMemsetAsync(wsp, 0xFF, G * sizeof(unsigned), stream));
-  C10_CUDA_CHECK(cudaMemsetAsync(wsp + G, 0, 2 * G * sizeof(unsigned), stream));
 
   at::PhiloxCudaState philox;
   if (stochastic) {
@@ -561,9 +793,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
     using T = decltype(tag);
     using raw = typename Io<T>::raw;
     const raw* xp = reinterpret_cast<const raw*>(x.const_data_ptr<T>());
+    float* runp = run.defined() ? run.data_ptr<float>() : nullptr;
+    if (fused_layout(L)) {
+      launch_fused_any<T>(xp, L, runp, ema, lo.data_ptr<float>(), scale.data_ptr<float>(), inv.data_ptr<float>(), bits,
+                          stochastic, philox, q.data_ptr<uint8_t>(), stream);
+      return;
+    }
+    at::Tensor ws = at::empty({3 * G}, x.options().dtype(at::kInt));
+    unsigned* wsp = reinterpret_cast<unsigned*>(ws.data_ptr<int32_t>());
+    init_ws_kernel<<<grid_for(3 * G), kThreads, 0, stream>>>(wsp, G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_stats<T>(xp, L, wsp, stream);
-    finalize_kernel<<<divup(G, kThreads), kThreads, 0, stream>>>(wsp, G, run.defined() ? run.data_ptr<float>() : nullptr,
-                                                                ema, levels, lo.data_ptr<float>(),
+    finalize_kernel<<<divup(G, kThreads), kThreads, 0, stream>>>(wsp, G, runp, ema, levels, lo.data_ptr<float>(),
                                                                 scale.data_ptr<float>(), inv.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_codes_any<T>(xp, L, lo.data_ptr<float>(), inv.data_ptr<float>(), bits, stochastic, philox,

@@ -41,7 +41,7 @@ _HEAD = {"kind": "out", "pool": "none", "norm": "none", "classes": 2}
 
 # log_softmax of masked attention scores saves its output, which is -inf (or finfo.min) wherever the mask is. Codes
 # cannot hold that: a group with -inf dequantized to NaN (NaN gradients), a group with finfo.min lost every finite
-# value (47% gradient error at 8 bits). Fixed by analysis._carries_mask: such storages are kept exact (POLICY).
+# value (47% gradient error at 8 bits). Fixed by analysis._carries_mask: such storages are kept exact (Reason.MASK).
 CASES = {
     # seed 1006: additive padding mask with finfo.min -> bound (oracle vs exact 0.47)
     "logsoftmax-finfo-min-pad": fuzzgen.Program(
@@ -84,5 +84,5 @@ def test_masked_log_softmax_kept_exact_with_reason(name: str) -> None:
     be = MesaBackend(fuzz.Setup(inner="eager").config(), store=RunningStats())
     fuzz._train(prog, fuzzgen.source(prog), be, 1)
     kept = [t for p in be.plans for t in p.tensors if "additive mask" in t.detail]
-    assert kept and all(t.reason is Reason.POLICY and not t.quantized for t in kept)
+    assert kept and all(t.reason is Reason.MASK and not t.quantized for t in kept)
     assert any(t.quantized for p in be.plans for t in p.tensors), "the rest of the graph is still quantized"

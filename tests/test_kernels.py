@@ -44,6 +44,13 @@ CASES = [
     ((130, 40), 2, 40),  # channel groups, many rows
     ((4, 2, 33, 8), 2, -1),  # 8-aligned last dim (the vectorised CUDA path)
     ((3, 4096 + 5), 1, -1),  # long rows (the CPU stats pass splits inside runs)
+    # CPU columns path (short runs, expanded per-element parameters) and runs paths:
+    ((40, 8, 4), 2, 8),  # channel sharing [rows, C/k, k], k = 4 (flat packing at every width)
+    ((37, 16, 2), 2, 16),  # k = 2: flat at 8/4 bits, padded lines at 2 bits
+    ((9, 5, 3), 2, 5),  # k = 3: padded lines at 4 and 2 bits
+    ((3, 5, 2, 70), 3, 2),  # 70-element runs folded into 2 groups, short period: columns path with long runs
+    ((2, 70001), 1, -1),  # runs longer than the one-visit limit (two passes, statistics split inside runs)
+    ((5, 3, 33), 2, -1),  # one visit per run, 99 elements: vector body plus a scalar tail
 ]
 
 
@@ -170,6 +177,7 @@ def _check_special_values(device: str) -> None:
             _compare(x, bits, 1, -1)  # one group per row
             _compare(x, bits, 2, -1)  # one group per element
             _compare(x.t().contiguous(), bits, 2, rows.shape[0])  # the same groups as channel groups
+            _compare(x.t().contiguous().view(9, 6, 2), bits, 2, 6)  # channel sharing: 2 channels per group
             running = torch.full((2, rows.shape[0]), float("nan"), device=device)
             _compare(x, bits, 1, -1, running)
 
@@ -468,7 +476,8 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
     """When CUDA looks available but the CUDA build fails, the CPU kernels still load and one warning says why.
 
     Simulated on any machine: ``_cuda_build_reason`` is patched to claim CUDA, and CUDA_HOME points nowhere. The
-    CPU-only fallback build (``actpass_C_cpu``) is cached in torch's default extensions directory after the first run.
+    CPU-only fallback build (``actpass_C_cpu_<key>``) is cached in torch's default extensions directory after the
+    first run.
     """
     code = (
         "import warnings, torch, actpass.ops\n"

@@ -207,3 +207,29 @@ def test_loss_must_be_a_scalar(tmp_path: Path) -> None:
     spec.loss_fn = lambda out: out
     with pytest.raises(ModelFileError, match=r"must be a scalar tensor, got \(3, 2\)"):
         check_trainable(spec)
+
+
+def test_returned_kv_cache_is_counted_and_reported():
+    """A Hugging Face model trained with use_cache on returns its KV cache; the report tells the user the fix."""
+    from types import SimpleNamespace
+
+    from actpass.measure import returned_cache_bytes
+
+    k, v = torch.zeros(2, 4, 8, 16), torch.zeros(2, 4, 8, 16)
+
+    class Cache:  # the shape of transformers' DynamicCache: layers holding key/value tensors
+        def __init__(self):
+            self.layers = [SimpleNamespace(keys=k, values=v), SimpleNamespace(keys=k, values=v)]
+
+    out = SimpleNamespace(loss=torch.tensor(0.0), logits=torch.zeros(2, 8, 10), past_key_values=Cache())
+    assert returned_cache_bytes(out) == 2 * k.numel() * 4  # k and v once each: shared storages counted once
+    assert returned_cache_bytes({"past_key_values": ((k, v),)}) == 2 * k.numel() * 4
+    assert returned_cache_bytes(SimpleNamespace(logits=k, past_key_values=None)) == 0
+
+    from actpass.config import MesaConfig
+    from actpass.measure import SavedBytes
+    from actpass.report import Report
+
+    measured = SavedBytes("mesa", 0, 0, 0, {}, 0, 0, 1, 0.0, returned_cache_bytes=4096)
+    report = Report.build([], MesaConfig(), measured_before=None, measured_after=measured)
+    assert report.notes() and "use_cache=False" in report.notes()[0]

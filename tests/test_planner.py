@@ -1,0 +1,245 @@
+"""The planner: facts (roles, recipes) read off real graphs, decisions per role, recompute, budgets, the knapsack."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from _models import Block, TinyLM, grads, rel_err
+
+import actpass
+from actpass import planner
+from actpass.plan import Decision, Reason, Role
+from actpass.planner import BudgetError, Option, solve_budget
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(model: nn.Module, *inputs, autocast: bool = False, **options):
+    be = actpass.mesa(**options)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = torch.compile(model, backend=be)(*inputs)
+        loss = out if out.dim() == 0 else out.float().pow(2).mean()
+    loss.backward()
+    return be
+
+
+def _by_role(plan) -> dict[Role, list]:
+    out: dict[Role, list] = {}
+    for t in plan.tensors:
+        if t.bytes_before:
+            out.setdefault(t.role, []).append(t)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_roles_of_a_transformer_block_under_inductor(attn):
+    torch.manual_seed(0)
+    be = _compile(Block(64, 4, attn), torch.randn(2, 33, 64))
+    roles = _by_role(be.plans[0])
+    # LayerNorm statistics stay exact whatever their memory order (they were quantized when stored as [1, B, N]).
+    assert roles[Role.ROW_STAT] and all(t.reason is Reason.ROW_STATISTIC for t in roles[Role.ROW_STAT])
+    # The LayerNorm affine outputs and the GELU output are rebuilt in backward, from what is stored anyway.
+    assert roles[Role.NORM_OUTPUT] and all(t.recomputed for t in roles[Role.NORM_OUTPUT])
+    assert roles[Role.ACT_OUTPUT] and all(t.recomputed for t in roles[Role.ACT_OUTPUT])
+    assert any("erf" in t.recompute for t in roles[Role.ACT_OUTPUT])
+    assert roles[Role.ACT_INPUT] and all(t.quantized for t in roles[Role.ACT_INPUT])
+    if attn == "eager":
+        assert roles[Role.PROBS] and all(t.quantized and t.layout.value == "per-row" for t in roles[Role.PROBS])
+        assert roles[Role.QKV]
+    else:
+        assert roles[Role.QKV] and roles[Role.ATTN_OUT]
+
+
+def test_roles_of_an_eager_inner_graph():
+    """inner="eager" sees aten ops (native_layer_norm, gelu, _softmax) rather than Inductor's decompositions."""
+    torch.manual_seed(0)
+    be = _compile(Block(64, 4, "eager"), torch.randn(2, 33, 64), inner="eager")
+    roles = _by_role(be.plans[0])
+    assert {Role.ROW_STAT, Role.NORM_INPUT, Role.PROBS, Role.ACT_INPUT, Role.ACT_OUTPUT} <= set(roles)
+    assert all(t.recomputed and t.recompute == ("gelu",) for t in roles[Role.ACT_OUTPUT])
+
+
+def test_recompute_is_exact_when_its_sources_are():
+    """Everything kept exact but the recomputes: the gradients are inductor's (replays add no error of their own)."""
+    torch.manual_seed(0)
+    model = Block(64, 4, "eager")
+    x = torch.randn(2, 33, 64)
+    ref = copy.deepcopy(model)
+    be = _compile(model, x, budget=10**12)  # room for all exact: the solver stores all exact, recomputes the rest
+    assert be.plans[0].recomputed and not be.plans[0].quantized
+    torch.compile(ref, backend="inductor")(x).pow(2).mean().backward()
+    assert rel_err(grads(model), grads(ref)) < 1e-5
+
+
+def test_recompute_off_stores_them():
+    torch.manual_seed(0)
+    be = _compile(Block(64, 4), torch.randn(2, 33, 64), recompute=False)
+    assert not be.plans[0].recomputed
+    assert any(t.role is Role.ACT_OUTPUT and t.quantized for t in be.plans[0].tensors)
+
+
+def test_bf16_casts_of_parameters_are_recomputed():
+    torch.manual_seed(0)
+    model = Block(64, 4)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 33, 64)
+    be = _compile(model, x, autocast=True)
+    casts = [t for t in be.plans[0].tensors if t.role is Role.CAST and t.bytes_before]
+    assert casts and all(t.recomputed and t.recompute == ("prims.convert_element_type",) for t in casts)
+    assert all(t.recompute_from[0].startswith("input ") for t in casts)
+    torch.compile(ref, backend="inductor")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(ref, backend="inductor")(x).float().pow(2).mean().backward()
+    assert rel_err(grads(model), grads(ref)) < 0.03
+
+
+_ELEMENT = {"torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_bits4_and_2_cost_what_those_codes_would(bits):
+    """bits=b: the plan costs at most b-bit codes of every float tensor it may touch (what recompute frees buys
+    wider codes where the error model says it matters); no tensor gets fewer than b bits."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 64, (8, 64))
+    be = _compile(TinyLM(dim=128), idx, idx, bits=bits)
+    plan = be.plans[0]
+    widths = {t.bits for t in plan.quantized} - {1}  # 1: bool masks, lossless
+    assert widths <= {2, 4, 8} and min(widths) == bits  # never narrower than asked; wider where it buys the most
+    touched = [t for t in plan.tensors if t.counted and (t.recomputed or (t.quantized and t.bits != 1))]
+    codes = sum(t.bytes_before // _ELEMENT[t.dtype] * bits // 8 for t in touched)
+    rest = sum(t.bytes_after for t in plan.tensors if t.counted and t not in touched)
+    assert plan.saved_bytes_after <= 1.05 * (codes + rest) + 8 * 4096  # + per-group statistics
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.15, 0.1])
+def test_budget_fraction_is_met_and_filled(fraction):
+    torch.manual_seed(0)
+    model = TinyLM(dim=128, depth=2)
+    idx = torch.randint(0, 64, (8, 64))
+    be = _compile(model, idx, idx, budget=fraction)
+    plan = be.plans[0]
+    assert plan.budget == int(fraction * plan.saved_bytes_before)
+    assert plan.saved_bytes_after <= plan.budget
+    # The solver spends the budget: what is left is smaller than the cheapest upgrade still available.
+    assert plan.saved_bytes_after >= 0.9 * plan.budget or plan.saved_bytes_after == plan.min_bytes_reachable
+
+
+def test_budget_error_says_the_smallest_reachable_size():
+    torch.manual_seed(0)
+    with pytest.raises(Exception, match=r"smallest reachable size is [\d,]+ B"):
+        _compile(TinyLM(), torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32)), budget=0.001)
+
+
+def test_budget_bytes_spread_over_graphs():
+    """A byte budget holds for the whole model: graphs compiled later get what the earlier ones left."""
+    torch.manual_seed(0)
+
+    class TwoGraphs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Block(64, 4), Block(64, 4)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=10**6)
+    assert len(be.plans) == 2
+    assert sum(p.saved_bytes_after for p in be.plans) <= 10**6
+    assert be.plans[1].budget == 10**6 - be.plans[0].saved_bytes_after
+    # When the first graph spends it all, the second is planned at its smallest size, with a warning saying why.
+    smallest = [p.min_bytes_reachable for p in be.plans]
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="earlier graphs use"):
+        be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=smallest[0] + smallest[1] // 2)
+    assert be.plans[1].saved_bytes_after == be.plans[1].min_bytes_reachable
+    # A fraction holds for the graphs together.
+    torch._dynamo.reset()
+    be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=0.2)
+    assert sum(p.saved_bytes_after for p in be.plans) <= 0.2 * sum(p.saved_bytes_before for p in be.plans)
+
+
+# --------------------------------------------------------------------------------------------- the solver alone
+
+
+def _opt(nbytes: int, err: float) -> Option:
+    return Option(Decision.QUANTIZED, 8, nbytes, err)
+
+
+def _brute(cands: dict[str, list[Option]], budget: int) -> float:
+    best = math.inf
+    keys = list(cands)
+    for combo in itertools.product(*(cands[k] for k in keys)):
+        if sum(o.bytes for o in combo) <= budget:
+            best = min(best, sum(o.err**2 for o in combo))
+    return best
+
+
+def test_solver_matches_brute_force_on_convex_items():
+    torch.manual_seed(0)
+    for trial in range(30):
+        g = torch.Generator().manual_seed(trial)
+        cands = {}
+        for i in range(5):
+            size = int(torch.randint(100, 1000, (1,), generator=g))
+            s = float(torch.rand(1, generator=g)) + 0.01
+            # 2/4/8 bits and exact: error falls ~4x per doubling of bytes (a convex curve), exact is free of error
+            cands[f"t{i}"] = [_opt(size // 16, s * 1.0), _opt(size // 8, s * 0.2), _opt(size // 4, s * 0.01),
+                              _opt(size, 0.0)]  # fmt: skip
+        total_min = sum(c[0].bytes for c in cands.values())
+        total_max = sum(c[-1].bytes for c in cands.values())
+        budget = int(total_min + float(torch.rand(1, generator=g)) * (total_max - total_min))
+        chosen, reachable = solve_budget(cands, budget)
+        assert chosen is not None and reachable == total_min
+        used = sum(o.bytes for o in chosen.values())
+        assert used <= budget
+        got = sum(o.err**2 for o in chosen.values())
+        opt = _brute(cands, budget)
+        # Greedy on convex hulls: optimal up to the one item it could not upgrade.
+        worst_step = max(c[i].err ** 2 - c[i + 1].err ** 2 for c in cands.values() for i in range(len(c) - 1))
+        assert got <= opt + worst_step + 1e-12
+
+
+def test_solver_reports_infeasible():
+    chosen, reachable = solve_budget({"a": [_opt(100, 1.0), _opt(400, 0.0)]}, 50)
+    assert chosen is None and reachable == 100
+
+
+def test_budget_error_type():
+    assert issubclass(BudgetError, ValueError)
+
+
+def test_half_precision_probabilities(monkeypatch):
+    """Probabilities whose 8-bit codes the error model finds too coarse are stored as float16 (half the bytes)."""
+    torch.manual_seed(0)
+    model = Block(64, 4, "eager")
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 33, 64)
+    monkeypatch.setattr(planner, "EXACT_ABOVE", 1e-12)
+    real = planner.half_option
+
+    def half_free(f, config, share):
+        o = real(f, config, share)
+        return None if o is None else dataclasses.replace(o, err=0.0)
+
+    monkeypatch.setattr(planner, "half_option", half_free)
+    be = _compile(model, x)
+    probs = [t for t in be.plans[0].tensors if t.role is Role.PROBS and t.bytes_before]
+    assert probs and all(t.bits == 16 and t.bytes_after * 2 == t.bytes_before for t in probs), probs
+    assert all(t.reason is Reason.SENSITIVE for t in probs)
+    torch.compile(ref, backend="inductor")(x).pow(2).mean().backward()
+    # everything else exact (the threshold is ~0): only float16 rounding of the probabilities is left
+    assert rel_err(grads(model), grads(ref)) < 2e-3
