@@ -4,13 +4,14 @@
 statistics, bf16 autocast, dynamic shapes, stochastic rounding, and one through Inductor. Each is checked against the
 partition-boundary oracle (gradients equal to float reassociation), against exact eager (the bit-width bound), for
 finite and present gradients and for identical plans. The seeds are fixed and were picked among the fast ones (a few
-seconds each with inner="eager"), so the subset costs about a minute on two cores; the full runs are
+seconds each with inner="eager"), so the subset costs about 1.5 minutes on two cores; the full runs are
 ``python tools/fuzz.py --graphs 2000 --jobs 2`` and friends.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import multiprocessing as mp
 import sys
@@ -53,7 +54,15 @@ def test_fixed_seed_subset():
         results = {futs[f]: f.result() for f in cf.as_completed(futs)}
     bad = [f"{g} seed {s}: {r['kind']}: {r['detail']}" for (g, s), r in sorted(results.items()) if r["kind"]]
     assert not bad, "\n".join(bad)
-    # The oracle agrees with mesa bit for bit on every graph here (inner="eager" and this Inductor graph alike).
-    assert max(r["errs"]["tight"] for r in results.values()) == 0.0
-    quantized = sum(r["coverage"].get("decision", {}).get("quantized", 0) for r in results.values())
-    assert quantized > 300
+    # The oracle agrees with mesa bit for bit with inner="eager" (the same aten ops on the same values). Through
+    # Inductor, the two backward graphs fuse differently (dequantize and recomputes fused into their consumers):
+    # seed 1 measured 1.8e-7, against 3.6e-3 of 8-bit error.
+    eager = [r for r in results.values() if r["setup"]["inner"] == "eager"]
+    assert max(r["errs"]["tight"] for r in eager) == 0.0
+    assert max(r["errs"]["tight"] for r in results.values()) <= fuzz.TIGHT["fp32"]
+    decisions = collections.Counter()
+    for r in results.values():
+        decisions.update(r["coverage"].get("decision", {}))
+    # What the subset covers (measured: 373 quantized, 116 recomputed, 145 row-blocked, 9 one-bit masks).
+    assert decisions["quantized"] > 300
+    assert decisions["recomputed"] > 80

@@ -427,11 +427,18 @@ def _coverage(backend) -> dict[str, Any]:
         for t in plan.tensors:
             cov["decision"][t.decision.value] += 1
             cov["reason"][t.reason.value] += 1
+            if t.recomputed:
+                cov["recompute"][" > ".join(t.recompute)] += 1
+                cov["recomputed_role"][t.role.value] += 1
             if t.quantized:
                 cov["quantized_op"][_op_short(t.producer.split(" of ")[-1])] += 1
                 cov["layout"][t.layout.value] += 1
                 cov["bits"][str(t.bits)] += 1
                 cov["grouping"]["chunked" if t.chunk > 1 else "plain"] += 1
+                if t.row_block > 1:
+                    cov["grouping"]["row blocks"] += 1
+                if "handed over" in t.detail:
+                    cov["grouping"]["handed-over activation"] += 1
                 cov["grouping"]["permuted" if t.perm else "memory-order"] += 1
                 cov["grouping"]["view of the root" if "shares storage" in t.detail else "root"] += 1
                 cov["grouping"]["symbolic shape" if any(isinstance(s, str) for s in t.shape) else "static"] += 1
@@ -955,7 +962,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"results: {path}")
     cov = summary["coverage"]
-    for key in ("decision", "reason", "layout", "grouping", "quantized_op", "bits", "dtype", "role", "program"):
+    keys = ("decision", "reason", "layout", "grouping", "quantized_op", "bits", "dtype", "role", "recompute",
+            "recomputed_role", "program")  # fmt: skip
+    for key in keys:
         if key in cov:
             print(f"  {key}: {cov[key]}")
     if "fw_ops" in cov:
