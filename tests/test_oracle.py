@@ -295,3 +295,54 @@ def test_recompute_without_recipe_is_refused(monkeypatch):
     with pytest.warns(UserWarning, match="has no recipe"):
         fuzz._train(prog, fuzzgen.source(prog), orc, 1)
     assert [s for s in orc.skips if "has no recipe" in s.detail]
+
+
+def _half_probabilities(monkeypatch) -> None:
+    """Plan every float32 probability tensor as float16 (the planner does so where 8-bit codes are estimated too
+    coarse, which the small programs here never reach)."""
+    import dataclasses
+
+    from actpass import planner
+
+    real = planner.half_option
+
+    def half(f, config, share):
+        o = real(f, config, share)
+        return dataclasses.replace(o, err=0.0) if o is not None else None
+
+    monkeypatch.setattr(planner, "half_option", half)
+    monkeypatch.setattr(planner, "EXACT_ABOVE", 1e-12)
+
+
+def _matmul_attention() -> fuzzgen.Program:
+    prog = _program()
+    prog.blocks = [*prog.blocks[:2], {**prog.blocks[2], "impl": "matmul", "dropout": 0.1}]
+    return prog
+
+
+def test_half_precision_and_bit_masks_are_tight(monkeypatch):
+    """bits=16 (probabilities cast to float16 and back) and bits=1 (dropout masks packed): bit for bit."""
+    _half_probabilities(monkeypatch)
+    out = fuzz.check(_matmul_attention(), fuzz.Setup(inner="eager"))
+    assert out.kind is None, out.detail
+    assert out.errs["tight"] == 0.0
+    assert out.coverage["bits"].get("16", 0) >= 1 and out.coverage["bits"].get("1", 0) >= 1, out.coverage["bits"]
+
+
+def test_oracle_catches_a_wrong_half_cast(monkeypatch):
+    """A float16 probability rebuilt 1% too large in mesa's backward is caught as wiring."""
+    _half_probabilities(monkeypatch)
+    cast = torch.ops.prims.convert_element_type.default
+
+    def scale_half(bw: fx.GraphModule) -> None:
+        ups = [n for n in bw.graph.nodes if n.target is cast and n.args[0].meta["val"].dtype == torch.float16]
+        assert ups
+        for d in ups:
+            with bw.graph.inserting_after(d):
+                new = bw.graph.call_function(torch.ops.aten.mul.Tensor, (d, 1.01))
+            new.meta["val"] = d.meta["val"]
+            d.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+
+    _inject(monkeypatch, scale_half)
+    out = fuzz.check(_matmul_attention(), fuzz.Setup(inner="eager"))
+    assert out.kind == "wiring", (out.kind, out.detail)
