@@ -559,35 +559,59 @@ def _feeds_softmax(root: fx.Node, members) -> bool:
 # divided by the row's std; over a few elements little is left after the projection, and rounding of the input (which
 # moves the normalized direction) is amplified. Measured with tools/fuzz.py seed 52 (fp16, LayerNorms over C, 8-bit):
 # global gradient error 186% at C=3, 26-105% at C=4..8, 0.25% at C=12, 0.33% at C=16; seed 15 (C=3, dynamic batch)
-# 6.6%. Real models normalize over >= 64 elements; below 16 the codes save little and such inputs stay exact.
+# 6.6%; seed 148 (BatchNorm1d over a batch of 4) 13%. Real models normalize over >= 64 elements; below 16 the codes
+# save little and such inputs stay exact.
 _MIN_NORM_WIDTH = 16
 _RMS_NORM_OPS = {getattr(aten, "_fused_rms_norm", aten.native_layer_norm).default}
+_BATCH_NORM_OPS = {
+    aten._native_batch_norm_legit_functional.default,
+    aten._native_batch_norm_legit.default,
+    aten.native_batch_norm.default,
+}
 
 
-def _is_norm_of(u: fx.Node, n: fx.Node) -> bool:
-    """Whether ``u`` normalizes ``n`` over rows: LayerNorm/RMSNorm ops, a variance, or ``mean(n ** 2)`` (RMSNorm)."""
-    if not u.args or u.args[0] is not n:
-        return False
-    if u.target in _ROW_NORM_OPS or u.target in _RMS_NORM_OPS:
-        return True
-    return u.target is aten.mean.dim and n.op == "call_function" and n.target is aten.pow.Tensor_Scalar
+def _norm_width(u: fx.Node, n: fx.Node) -> int | None:
+    """How many elements ``u`` normalizes ``n`` over (LayerNorm/RMSNorm rows, BatchNorm's N*H*W per channel, a
+    variance or ``mean(n ** 2)`` over some dims), or None if ``u`` is not a normalization of ``n``."""
+    v = _tensor_val(n)
+    if not u.args or u.args[0] is not n or v is None or v.dim() == 0:
+        return None
+    shape = [hint(d) for d in v.shape]
+    if u.target is aten.native_layer_norm.default or u.target in _RMS_NORM_OPS:
+        return math.prod(hint(d) for d in u.args[1]) if len(u.args) > 1 else shape[-1]
+    if u.target in _BATCH_NORM_OPS:
+        return math.prod(shape) // max(shape[1], 1) if len(shape) >= 2 else shape[0]
+    reduces = u.target in (aten.var_mean.correction, aten.var.correction) or (
+        u.target is aten.mean.dim and n.op == "call_function" and n.target is aten.pow.Tensor_Scalar
+    )
+    if not reduces:
+        return None
+    dims = u.args[1] if len(u.args) > 1 and u.args[1] is not None else list(range(len(shape)))
+    dims = [dims] if isinstance(dims, int) else dims
+    return math.prod(shape[d] for d in dims)
 
 
 def _short_norm_width(root: fx.Node, members) -> int | None:
-    """The row length of a normalization the storage feeds, when under ``_MIN_NORM_WIDTH``; else None."""
-    found: list[int] = []
-
-    def pred(u: fx.Node, n: fx.Node) -> bool:
-        v = _tensor_val(n)
-        if _is_norm_of(u, n) and v is not None and v.dim() >= 1:
-            w = hint(v.shape[-1])
-            if w < _MIN_NORM_WIDTH:
-                found.append(w)
-                return True
-        return False
-
-    _feeds(root, members, pred, depth=3)
-    return found[0] if found else None
+    """How many elements a normalization reading the storage (through views and casts, or squared for RMSNorm)
+    normalizes over, when under ``_MIN_NORM_WIDTH``; else None."""
+    frontier = {root, *members}
+    seen = set(frontier)
+    for _ in range(3):
+        nxt = set()
+        for n in frontier:
+            for u in n.users:
+                reads = [(u, n)]
+                if u.target is aten.pow.Tensor_Scalar:
+                    reads += [(m, u) for m in u.users]
+                for a, b in reads:
+                    w = _norm_width(a, b)
+                    if w is not None and w < _MIN_NORM_WIDTH:
+                        return w
+                if u not in seen and (is_view_node(u) or u.target in _COPY_OPS):
+                    seen.add(u)
+                    nxt.add(u)
+        frontier = nxt
+    return None
 
 
 def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:

@@ -107,7 +107,18 @@ SHORT_NORMS = {
         '"pool": "none"}, "precision": "fp32", "seed": 15, "seq": 1, "stem": {"act": "relu", "bn": true, '
         '"channels_last": false, "convs": 1, "k": 3, "kind": "image", "pool": true, "size": 9, "stride": 2}}'
     ),
+    # seed 148 (unshrunk: the shrinker reduces it to a LayerNorm case): BatchNorm1d over a batch of 4 -> 13%
+    "batchnorm-over-4": fuzzgen.Program.from_json(
+        '{"batch": 4, "blocks": [{"act": "sigmoid", "frac": 0.75, "kind": "layout", "variant": "token_mix"}, '
+        '{"kind": "inplace", "variant": "clone_iadd"}, {"aux": false, "dropout": 0.0, "gqa": "expand", "head_dim": 1, '
+        '"heads": 2, "impl": "sdpa", "kind": "attn", "kv_heads": 2, "mask": "causal_flag", "merge": '
+        '"permute_contiguous", "norm": "ln", "probs": "softmax", "qkv": "separate", "residual": false}, {"kind": '
+        '"norm", "norm": "bn"}], "dim": 24, "dynamic": [], "head": {"classes": 10, "kind": "ce", "norm": "ln", '
+        '"pool": "none"}, "precision": "fp32", "seed": 148, "seq": 1, "stem": {"bias": true, "in": 3, "kind": '
+        '"features"}}'
+    ),
 }
+_WIDTH = {"layernorm-over-2": 2, "layernorm-over-2-dynamic": 2, "batchnorm-over-4": 4}
 
 
 @pytest.mark.parametrize("name", list(SHORT_NORMS))
@@ -118,5 +129,5 @@ def test_short_normalization_inputs_kept_exact(name: str) -> None:
     assert out.errs["tight"] == 0.0
     be = MesaBackend(fuzz.Setup(inner="eager").config(), store=RunningStats())
     fuzz._train(prog, fuzzgen.source(prog), be, fuzz.steps_of(prog, fuzz.Setup()))
-    kept = [t for p in be.plans for t in p.tensors if "normalization over only 2 elements" in t.detail]
+    kept = [t for p in be.plans for t in p.tensors if f"normalization over only {_WIDTH[name]} elements" in t.detail]
     assert kept and all(t.reason is Reason.SENSITIVE and not t.quantized for t in kept)
