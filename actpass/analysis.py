@@ -592,8 +592,10 @@ def _norm_width(u: fx.Node, n: fx.Node) -> int | None:
 
 
 def _short_norm_width(root: fx.Node, members) -> int | None:
-    """How many elements a normalization reading the storage (through views and casts, or squared for RMSNorm)
-    normalizes over, when under ``_MIN_NORM_WIDTH``; else None."""
+    """How many elements a normalization reading the storage normalizes over, when under ``_MIN_NORM_WIDTH``; else
+    None. The walk goes through views, casts and pointwise ops: the norm's own input may be recomputed from this
+    storage in backward (seed 786: an RMSNorm over 3 channels whose input, a residual sum, was rebuilt from a
+    quantized operand: 9.2% gradient error, 0.8% with that operand exact)."""
     frontier = {root, *members}
     seen = set(frontier)
     for _ in range(3):
@@ -607,7 +609,7 @@ def _short_norm_width(root: fx.Node, members) -> int | None:
                     w = _norm_width(a, b)
                     if w is not None and w < _MIN_NORM_WIDTH:
                         return w
-                if u not in seen and (is_view_node(u) or u.target in _COPY_OPS):
+                if u not in seen and (is_view_node(u) or u.target in _COPY_OPS or is_pointwise(u)):
                     seen.add(u)
                     nxt.add(u)
         frontier = nxt
