@@ -147,3 +147,22 @@ def test_short_normalization_inputs_kept_exact(name: str) -> None:
     fuzz._train(prog, fuzzgen.source(prog), be, fuzz.steps_of(prog, setup))
     kept = [t for p in be.plans for t in p.tensors if f"normalization over only {_WIDTH[name]} elements" in t.detail]
     assert kept and all(t.reason is Reason.SENSITIVE and not t.quantized for t in kept)
+
+
+# Seed 2015 (running statistics, dynamic sequence length): a 4-D softmax output [B, N, 6, 4] took the per-(sample,
+# channel) layout with N's size hint (7) as its static group count; the next step's N=10 crashed in quantize ("40 runs
+# cannot be folded into 7 groups"). Fixed in planner.quantized_option: no static group count from a symbolic dim.
+RUNNING_DYNAMIC_SEQ = fuzzgen.Program.from_json(
+    '{"batch": 4, "blocks": [{"kind": "norm", "norm": "ln_noaffine"}, {"act": "tanh", "frac": 0.25, "kind": "layout", '
+    '"variant": "group_view"}, {"act": "relu", "frac": 0.75, "kind": "layout", "variant": "permute_contiguous"}, '
+    '{"act": "gelu", "fn": "log_softmax", "kind": "gate"}, {"act": "gelu", "frac": 0.25, "kind": "layout", "variant": '
+    '"chunk_stack"}], "dim": 24, "dynamic": ["seq"], "head": {"classes": 3, "kind": "ce", "norm": "ln", "pool": '
+    '"mean"}, "precision": "fp32", "seed": 2015, "seq": 7, "stem": {"bias": false, "in": 7, "kind": "features"}}'
+)
+
+
+def test_running_statistics_group_count_not_from_a_symbolic_dim() -> None:
+    setup = fuzz.Setup(inner="eager", stats="running")
+    out = fuzz.check(RUNNING_DYNAMIC_SEQ, setup)
+    assert out.kind is None, f"{out.kind}: {out.detail}"
+    assert out.errs["tight"] == 0.0
