@@ -362,7 +362,7 @@ def plan_graph(
     recomputed: set[str] = set()
     if config.recompute:
         for f in sorted(storages, key=lambda f: f.position):
-            if f.root in choice or f.root in override_bits or f.recipe is None:
+            if f.root in choice or f.root in override_bits or f.recipe is None or not f.rebuildable:
                 continue
             if any(s in recomputed for s in f.recipe.sources):
                 continue

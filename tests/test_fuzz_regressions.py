@@ -189,3 +189,21 @@ def test_log_probabilities_keep_per_step_statistics_when_running() -> None:
     logp = [t for p in be.plans for t in p.tensors if t.role.value == "log-probs" and t.quantized]
     assert logp and all(t.stats_key == "" and t.layout.value == "per-row" for t in logp)
     assert any(t.stats_key for p in be.plans for t in p.tensors), "the rest keeps running statistics"
+
+
+# Seed 4023 (dynamic sequence length, a strided slice x[:, ::2]): a storage whose saved view has the symbolic size
+# (s + 1) // 2 was planned for recompute; backward cannot rebuild that size, the rewrite failed and the whole graph
+# fell back to exact storage. Fixed: the planner recomputes only what backward can rebuild (facts.rebuildable).
+DYNAMIC_STRIDED_SLICE = fuzzgen.Program.from_json(
+    '{"batch": 1, "blocks": [{"kind": "inplace", "variant": "act_"}, {"act": "relu", "frac": 0.75, "kind": "layout", '
+    '"variant": "strided_slice"}, {"act": "silu", "frac": 0.25, "kind": "layout", "variant": "split_cat"}, {"kind": '
+    '"nograd", "variant": "no_grad_gate"}, {"act": "silu", "kind": "tied", "residual": true}], "dim": 16, "dynamic": '
+    '["seq"], "head": {"classes": 2, "kind": "ce", "norm": "rms", "pool": "none"}, "precision": "fp32", "seed": 4023, '
+    '"seq": 3, "stem": {"bias": false, "in": 16, "kind": "features"}}'
+)
+
+
+def test_recompute_only_what_backward_can_rebuild() -> None:
+    out = fuzz.check(DYNAMIC_STRIDED_SLICE, fuzz.Setup(inner="eager", quantize_outputs=True))
+    assert out.kind is None, f"{out.kind}: {out.detail}"
+    assert out.errs["tight"] == 0.0
