@@ -242,7 +242,10 @@ _MASK_PRODUCERS = {
     aten.mul.Tensor,
     aten.mul.Scalar,
 }
-_HUGE = 1e30
+# NOTE: float16's finfo.min (-65504) is the mask value of fp16 models (torch.finfo(q.dtype).min under fp16
+# autocast); a 1e30 threshold missed it and log_softmax of such masked scores lost 30% of its gradient at 8 bits
+# (tools/fuzz.py seed 321). No activation a model means to keep is that large in fp16 anyway: 65504 is its maximum.
+_HUGE = float(torch.finfo(torch.float16).max)
 
 
 def _huge_constant(args) -> bool:
@@ -281,6 +284,58 @@ def _is_mask(root: fx.Node, grp: _Group) -> bool:
             ):
                 return True
     return root.target in _MASK_PRODUCERS and _huge_constant(root.args)
+
+
+# Ops whose output carries an additive mask's ±inf / finfo.min values into the saved tensor: scores + mask, the
+# log_softmax of masked scores (-inf or ~-3e38 where masked), and casts, copies, views and triangles of them.
+_MASK_CARRIERS = {
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.div.Tensor,
+    aten.div.Scalar,
+    aten.neg.default,
+    aten._log_softmax.default,
+    aten.where.self,
+    aten.where.ScalarOther,
+    aten.where.ScalarSelf,
+    aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor,
+    aten.baddbmm.default,
+    aten.triu.default,
+    aten.tril.default,
+    aten.cat.default,
+    aten.clone.default,
+    aten._to_copy.default,
+    torch.ops.prims.convert_element_type.default,
+}
+
+
+def _carries_mask(root: fx.Node, depth: int = 8) -> bool:
+    """Whether ``root`` may hold an additive mask's ±inf/huge values: built from one by ops that keep them.
+
+    Example: ``log_softmax(scores + mask)`` is -inf (or ``finfo.min``) wherever the mask is, and log_softmax saves its
+    output. Codes cannot hold those values: measured 8-bit gradient error 47% with a finfo.min padding mask, NaN
+    gradients with a -inf causal mask (tools/fuzz.py seeds 1006 and 1036).
+    """
+    seen = {root}
+    frontier = [root]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n.op != "call_function":
+                continue
+            if n.target in _MASK_PRODUCERS and _huge_constant(n.args):
+                return True
+            if n.target not in _MASK_CARRIERS and not is_view_node(n):
+                continue
+            for a in _flat_args([*n.args, *n.kwargs.values()]):
+                if isinstance(a, fx.Node) and a not in seen:
+                    seen.add(a)
+                    nxt.append(a)
+        frontier = nxt
+    return False
 
 
 # ------------------------------------------------------------------------------------------- what can be replayed
@@ -500,6 +555,67 @@ def _feeds_softmax(root: fx.Node, members) -> bool:
     return _feeds(root, members, lambda u, n: u.target in _SOFTMAX_INPUT_OPS and u.args and u.args[0] is n, depth=5)
 
 
+# NOTE: LayerNorm's input gradient is the upstream gradient with the mean and the normalized direction projected out,
+# divided by the row's std; over a few elements little is left after the projection, and rounding of the input (which
+# moves the normalized direction) is amplified. Measured with tools/fuzz.py seed 52 (fp16, LayerNorms over C, 8-bit):
+# global gradient error 186% at C=3, 26-105% at C=4..8, 0.25% at C=12, 0.33% at C=16; seed 15 (C=3, dynamic batch)
+# 6.6%; seed 148 (BatchNorm1d over a batch of 4) 13%. Real models normalize over >= 64 elements; below 16 the codes
+# save little and such inputs stay exact.
+_MIN_NORM_WIDTH = 16
+_RMS_NORM_OPS = {getattr(aten, "_fused_rms_norm", aten.native_layer_norm).default}
+_BATCH_NORM_OPS = {
+    aten._native_batch_norm_legit_functional.default,
+    aten._native_batch_norm_legit.default,
+    aten.native_batch_norm.default,
+}
+
+
+def _norm_width(u: fx.Node, n: fx.Node) -> int | None:
+    """How many elements ``u`` normalizes ``n`` over (LayerNorm/RMSNorm rows, BatchNorm's N*H*W per channel, a
+    variance or ``mean(n ** 2)`` over some dims), or None if ``u`` is not a normalization of ``n``."""
+    v = _tensor_val(n)
+    if not u.args or u.args[0] is not n or v is None or v.dim() == 0:
+        return None
+    shape = [hint(d) for d in v.shape]
+    if u.target is aten.native_layer_norm.default or u.target in _RMS_NORM_OPS:
+        return math.prod(hint(d) for d in u.args[1]) if len(u.args) > 1 else shape[-1]
+    if u.target in _BATCH_NORM_OPS:
+        return math.prod(shape) // max(shape[1], 1) if len(shape) >= 2 else shape[0]
+    reduces = u.target in (aten.var_mean.correction, aten.var.correction) or (
+        u.target is aten.mean.dim and n.op == "call_function" and n.target is aten.pow.Tensor_Scalar
+    )
+    if not reduces:
+        return None
+    dims = u.args[1] if len(u.args) > 1 and u.args[1] is not None else list(range(len(shape)))
+    dims = [dims] if isinstance(dims, int) else dims
+    return math.prod(shape[d] for d in dims)
+
+
+def _short_norm_width(root: fx.Node, members) -> int | None:
+    """How many elements a normalization reading the storage normalizes over, when under ``_MIN_NORM_WIDTH``; else
+    None. The walk goes through views, casts and pointwise ops: the norm's own input may be recomputed from this
+    storage in backward (seed 786: an RMSNorm over 3 channels whose input, a residual sum, was rebuilt from a
+    quantized operand: 9.2% gradient error, 0.8% with that operand exact)."""
+    frontier = {root, *members}
+    seen = set(frontier)
+    for _ in range(3):
+        nxt = set()
+        for n in frontier:
+            for u in n.users:
+                reads = [(u, n)]
+                if u.target is aten.pow.Tensor_Scalar:
+                    reads += [(m, u) for m in u.users]
+                for a, b in reads:
+                    w = _norm_width(a, b)
+                    if w is not None and w < _MIN_NORM_WIDTH:
+                        return w
+                if u not in seen and (is_view_node(u) or u.target in _COPY_OPS or is_pointwise(u)):
+                    seen.add(u)
+                    nxt.add(u)
+        frontier = nxt
+    return None
+
+
 def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
     """The role of a graph input that is an activation (no producer in this graph): from how it is used."""
     if _feeds_softmax(root, members):
@@ -662,6 +778,8 @@ def _fixed(root: fx.Node, val, members: list[fx.Node], handed: bool = False) -> 
         return (Reason.ALIAS, "storage root is a broadcast or overlapping view")
     if _is_mask(root, _Group(root, members)):
         return (Reason.MASK, "attention mask (±inf or huge constants): integer codes cannot hold them")
+    if _carries_mask(root):
+        return (Reason.MASK, "holds an additive mask's ±inf/huge values (e.g. log_softmax of masked scores): exact")
     for m in members:
         if m is root:
             continue
@@ -774,6 +892,13 @@ def gather_facts(
             role = classify(root, grp.members) if not handed else _classify_by_use(root, grp.members)
         if fixed is None and role is Role.ROW_STAT:
             fixed = (Reason.ROW_STATISTIC, "normalization/attention row statistic: it scales whole gradient rows")
+        width = _short_norm_width(root, grp.members) if fixed is None and role is not Role.ROW_STAT else None
+        if width is not None:
+            fixed = (
+                Reason.SENSITIVE,
+                f"input of a normalization over only {width} elements: its gradient is ill-conditioned, rounding is "
+                f"amplified (kept exact under {_MIN_NORM_WIDTH})",
+            )
         if fixed is not None and fixed[0] is Reason.MASK:
             role = Role.MASK
         if val is not None:

@@ -184,6 +184,8 @@ class MesaBackend:
     Args:
         config: the policy; defaults work for transformers.
         store: where running statistics live (``config.stats == "running"``); the process-wide default store if None.
+        keep_graphs: keep the rewritten (forward, backward) graphs in ``graphs``.
+        simulate: run the partition-boundary oracle (``actpass.oracle.simulate_plan``) instead of the rewrite.
 
     Attributes:
         plans: one :class:`~actpass.plan.GraphPlan` per compiled forward/backward pair, in compile order.
@@ -197,9 +199,17 @@ class MesaBackend:
     """
 
     def __init__(
-        self, config: MesaConfig | None = None, *, store: RunningStats | None = None, keep_graphs: bool = False
+        self,
+        config: MesaConfig | None = None,
+        *,
+        store: RunningStats | None = None,
+        keep_graphs: bool = False,
+        simulate: bool = False,
     ) -> None:
         self.config = config or MesaConfig()
+        # Oracle mode (actpass/oracle.py): same partition and plan, but only the forward graph is rewritten, to hand
+        # backward the values mesa's backward must rebuild. For testing the rewrite, not for training.
+        self.simulate = simulate
         self.store = store if store is not None else default_store()
         self.plans: list[GraphPlan] = []
         self.skips: list[GraphSkip] = []
@@ -287,8 +297,10 @@ class MesaBackend:
 
         from actpass import cache
 
+        # The oracle's graphs differ from mesa's for the same config: its cache entries must never be served to mesa.
+        cfg = {**self.config.to_dict(), "simulate": True} if self.simulate else self.config.to_dict()
         partitioner.cache_uuid = cache.partitioner_uuid(
-            self.config.to_dict(), self.store.name, partitioner.key_prefix, gm, partitioner.input_names
+            cfg, self.store.name, partitioner.key_prefix, gm, partitioner.input_names
         )
         key = cache.plan_key(partitioner.cache_uuid, gm, example_inputs)
         patches = {"custom_partitioner_fn": partitioner}
@@ -379,7 +391,12 @@ class MesaBackend:
             return
         start = time.perf_counter()
         try:
-            apply_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
+            if self.simulate:
+                from actpass.oracle import simulate_plan
+
+                simulate_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
+            else:
+                apply_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
         except Exception as e:  # noqa: BLE001 - any failure falls back to exact storage, and says so
             self.timings.append(PassTiming(graph_id, analysis_seconds, time.perf_counter() - start))
             msg = f"{type(e).__name__}: {e}".splitlines()[0]

@@ -58,6 +58,10 @@ def _per_column(v: torch.Tensor, g: int, r: int) -> torch.Tensor:
     """
     if r == 1:
         return v.view(1, g)
+    if g == 1:
+        # One group: a broadcast scalar. (The reshape below is then a view of the expand, not a copy, and as_strided
+        # read R elements of a one-element buffer: garbage statistics in Inductor's code, tools/fuzz.py seed 181.)
+        return v.view(1, 1).expand(1, r)
     e = v.view(g, 1).expand(g, r).reshape(1, g * r)
     return torch.as_strided(e, (1, g * r), (g * r, 1))
 

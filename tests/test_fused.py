@@ -16,13 +16,16 @@ from actpass import _reference as ref
 from actpass import fused
 
 # (shape, gend, groups): per channel (R == 1), channel sharing (short runs: the columns layout), per row (long runs),
-# folded heads ([B, N, H, D] runs of D), per (batch, head) with an odd last dim (padded packing at 4 bits).
+# folded heads ([B, N, H, D] runs of D), per (batch, head) with an odd last dim (padded packing at 4 bits), and one
+# group with a short run.
 CASES = [
     ((64, 48), 2, 48),
     ((64, 12, 4), 2, 12),
     ((40, 96), 1, -1),
     ((2, 16, 4, 24), 3, 4),
     ((2, 3, 9, 9), 2, -1),
+    ((1, 7), 1, -1),  # one group, a short run (a BatchNorm rstd per row; it read past the statistics before)
+    ((13,), 0, 1),  # one group over a small 1-D tensor
 ]
 
 
@@ -64,6 +67,20 @@ def test_inductor_matches_reference_bit_for_bit(dtype, bits):
         expected = ref.dequantize(q, s, lo, bits, gend, shape[-1], dtype)
         assert y.dtype == expected.dtype and y.shape == expected.shape
         torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_eager_math_matches_reference(bits):
+    """The traced math run eagerly (cheap; a one-group short run made as_strided read past its buffer, which eager
+    refuses and Inductor's code did not: garbage statistics)."""
+    for x, (shape, gend, groups) in zip(_inputs(torch.float32), CASES, strict=True):
+        want = ref.quantize(x, bits, gend, groups, False, None, 0.9)
+        got = fused.quantize_math(x, bits, gend, groups)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        y = fused.dequantize_math(*want, bits, gend, shape[-1], torch.float32)
+        torch.testing.assert_close(y, ref.dequantize(*want, bits, gend, shape[-1], torch.float32), rtol=0, atol=0,
+                                   equal_nan=True)  # fmt: skip
 
 
 class _Block(nn.Module):
