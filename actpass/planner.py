@@ -444,7 +444,7 @@ def plan_graph(
         # bits=8: 8-bit codes everywhere, except where the estimated error of the whole graph would pass
         # config.max_error: there the cheapest error reductions per byte (float16, then exact) are bought first.
         for root, opt in meet_error(candidates, config.max_error).items():
-            if opt.bits == 8:
+            if opt == candidates[root][0]:  # the storage's codes (8-bit, or 1-bit for a bool mask)
                 choice[root] = (opt, Reason.QUANTIZED)
                 continue
             f = by_root[root]

@@ -66,7 +66,8 @@ def test_inspect_default_inductor_through_the_console_script() -> None:
 
 def test_inspect_json_schema() -> None:
     # --max-error inf: every storage that can take codes gets them, so every layout shows in the JSON.
-    proc = actpass("inspect", FIXTURES / "tiny_attn.py", "--format", "json", "--exclude", "heda", "--max-error", "inf", *FAST)
+    args = ("--format", "json", "--exclude", "heda", "--max-error", "inf")
+    proc = actpass("inspect", FIXTURES / "tiny_attn.py", *args, *FAST)
     assert proc.returncode == 0, proc.stderr
     # A glob that matches nothing: one warning line naming it and the nearest module path.
     warned = [ln for ln in proc.stderr.splitlines() if ln.startswith("actpass: warning:")]

@@ -184,7 +184,8 @@ def test_torchrun_example(fsdp: bool) -> None:
     """``torchrun --nproc_per_node=2 examples/ddp_train.py`` trains a few steps and reports what mesa quantized."""
     script = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script)]
-    cmd += ["--preset", "tiny_test", "--steps", "3", "--inner", "eager", "--max-error", "inf", *(["--fsdp"] if fsdp else [])]
+    cmd += ["--preset", "tiny_test", "--steps", "3", "--inner", "eager", "--max-error", "inf"]
+    cmd += ["--fsdp"] if fsdp else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:  # run() kills torchrun, whose agent takes its workers down

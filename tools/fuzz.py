@@ -96,6 +96,9 @@ class Setup:
     inner: str = "eager"
     quantize_outputs: bool = False
     min_bytes: int = 0
+    # Codes wherever the plan can put them (the default's 0.5% error target keeps much of a small program exact):
+    # the fuzzer is after wiring bugs, and every quantized storage is one more place for one.
+    max_error: float = 1e9
 
     def config(self, **changes: Any):
         from actpass.config import MesaConfig
@@ -107,6 +110,7 @@ class Setup:
             inner=self.inner,
             quantize_outputs=self.quantize_outputs,
             min_bytes=self.min_bytes,
+            max_error=self.max_error,
         ).replace(**changes)
 
 
@@ -741,6 +745,7 @@ def setup_for(seed: int, args: argparse.Namespace) -> Setup:
         inner=inner,
         quantize_outputs=rng.random() < 0.2,
         min_bytes=0 if rng.random() < 0.85 else 4096,
+        max_error=getattr(args, "max_error", 1e9),
     )
 
 
@@ -865,6 +870,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, default=8, choices=(8, 4, 2))
     ap.add_argument("--stats", default="dynamic", choices=("dynamic", "running"))
     ap.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"))
+    ap.add_argument(
+        "--max-error",
+        type=float,
+        default=1e9,
+        help="MesaConfig.max_error (default: %(default)g, codes wherever they fit; 0.005 is the shipped default)",
+    )
     ap.add_argument("--precision", default=None, choices=fuzzgen.PRECISIONS, help="force a precision (default mix)")
     ap.add_argument("--dynamic", action="store_true", help="mark batch and/or sequence dims dynamic in every program")
     # NOTE: 2% Inductor. Measured per program on the shared 2-core machine (load 3-6 from other jobs): inner="eager"
