@@ -30,6 +30,11 @@ def test_round_trip():
         ({"exclude": [3]}, "exclude must hold non-empty strings, got 3"),
         ({"overrides": {"x": 5}}, "override 'x' bits must be 0 .* got 5"),
         ({"inner": "aot_eager"}, "inner must be one of .* got 'aot_eager'"),
+        ({"max_error": 0}, r"max_error must be a positive number \(or inf\), got 0"),
+        ({"max_error": -0.01}, "max_error must be a positive number"),
+        ({"max_error": float("nan")}, "max_error must be a positive number"),
+        ({"max_error": "small"}, "max_error must be a positive number .* got 'small'"),
+        ({"max_error": True}, "max_error must be a positive number"),
     ],
 )
 def test_bad_values_are_named(kwargs, match):
