@@ -171,3 +171,11 @@ def test_repro_file_runs(tmp_path):
     r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "mesa-vs-oracle 0" in r.stdout and "passed" in r.stdout
+
+
+def test_batchnorm_needs_two_values_per_channel():
+    """Seed 760 drew BatchNorm over one sample of one token (invalid in training): the generator uses LayerNorm there."""
+    prog = fuzzgen.generate(760)
+    assert prog.batch * fuzzgen.stream_len(prog) == 1
+    assert "bn" not in [b.get("norm") for b in prog.blocks]
+    assert torch.isfinite(_eager_step(prog))
