@@ -49,6 +49,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "budget10": {"budget": 0.10},
     "bits8-bf16": {},
     "bits4-bf16": {"bits": 4},
+    # the 8-bit error target (MesaConfig.max_error, default 0.005) loosened: how much size each step buys
+    "bits8-err01": {"max_error": 0.01},
+    "bits8-err02": {"max_error": 0.02},
+    "bits8-err05": {"max_error": 0.05},
+    "bits8-codes": {"max_error": 1e9},
+    "bits8-err02-bf16": {"max_error": 0.02},
+    "bits8-codes-bf16": {"max_error": 1e9},
 }
 
 
