@@ -122,7 +122,7 @@ class MesaConfig:
         "backward from tensors stored anyway, instead of storing them",
     )
     max_error: float = option(
-        0.005,
+        0.05,
         "bits=8: the one-step gradient error (relative L2) the error model may estimate per graph; above it, the "
         "storages whose 8-bit codes cost the most error per byte get float16 or stay exact. 'inf': 8 bits everywhere",
     )

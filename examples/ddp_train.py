@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-error",
         type=float,
-        default=0.005,
+        default=0.05,
         help="mesa bits=8: estimated one-step gradient error allowed per graph ('inf': codes everywhere; "
         "default: %(default)s)",
     )
