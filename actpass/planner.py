@@ -600,7 +600,31 @@ def solve_budget(candidates: dict[str, list[Option]], budget: int) -> tuple[dict
         i = pos[best]
         used += hulls[best][i + 1].bytes - hulls[best][i].bytes
         pos[best] = i + 1
-    return {k: hulls[k][pos[k]] for k in hulls}, sum(h[0].bytes for h in hulls.values())
+    chosen = {k: hulls[k][pos[k]] for k in hulls}
+    _fill(candidates, chosen, budget - used)
+    return chosen, sum(h[0].bytes for h in hulls.values())
+
+
+def _fill(candidates: dict[str, list[Option]], chosen: dict[str, Option], slack: int) -> None:
+    """Spend what the hull greedy left under the budget on options off the hulls, largest error removed first.
+
+    The greedy stops when no item's next hull point fits; options between hull points (another layout, float16)
+    often still do. On the training suite the greedy alone filled 96.2-100% of a budget (issue 8 asks for 98%).
+    """
+    while True:
+        best: tuple[str, Option] | None = None
+        best_gain = 0.0
+        for k, opts in candidates.items():
+            cur = chosen[k]
+            for o in opts:
+                gain = cur.err**2 - o.err**2
+                if gain > best_gain and o.bytes - cur.bytes <= slack:
+                    best, best_gain = (k, o), gain
+        if best is None:
+            return
+        k, o = best
+        slack -= o.bytes - chosen[k].bytes
+        chosen[k] = o
 
 
 # ----------------------------------------------------------------------------------------------------- records

@@ -219,6 +219,19 @@ def test_solver_matches_brute_force_on_convex_items():
         assert got <= opt + worst_step + 1e-12
 
 
+def test_solver_fills_the_budget_with_options_off_the_hull():
+    """What the hull greedy leaves under the budget goes to options between hull points (issue 8: fill >= 98%)."""
+    cands = {
+        # 8-bit, a layout half-way in bytes but little better (above the chord to exact: off the hull), exact
+        "a": [_opt(100, 0.5), _opt(150, 0.48), _opt(200, 0.0)],
+        "b": [_opt(100, 0.3), _opt(400, 0.0)],
+    }
+    chosen, _ = solve_budget(cands, 260)
+    assert chosen is not None
+    # the hull greedy alone: both at 100 bytes (neither exact fits), 60 bytes unused; the fill takes a's 150 bytes
+    assert chosen["a"].bytes == 150 and chosen["b"].bytes == 100
+
+
 def test_error_target_matches_brute_force_on_convex_items():
     """bits=8: the fewest bytes whose total estimated error is under the target (greedy on convex hulls)."""
     for trial in range(30):
