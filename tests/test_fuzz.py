@@ -63,6 +63,7 @@ def test_fixed_seed_subset():
     decisions = collections.Counter()
     for r in results.values():
         decisions.update(r["coverage"].get("decision", {}))
-    # What the subset covers (measured: 373 quantized, 116 recomputed, 145 row-blocked, 9 one-bit masks).
-    assert decisions["quantized"] > 300
-    assert decisions["recomputed"] > 80
+    # What the subset covers (measured: 297 quantized; 373 before normalization inputs over < 64 elements were kept
+    # exact, fuzz seed 10629; then also 116 recomputed, 145 row-blocked, 9 one-bit masks).
+    assert decisions["quantized"] > 250, decisions
+    assert decisions["recomputed"] > 80, decisions
