@@ -59,11 +59,13 @@ class RunningStats:
 
     def get(self, entry: str, groups: int, device: torch.device) -> torch.Tensor:
         buf = self._entries.get(entry)
-        if buf is None or buf.shape[1] != groups:
-            if buf is not None:
-                raise RuntimeError(
-                    f"actpass: running statistics {entry!r} have {buf.shape[1]} groups but the graph needs {groups}"
-                )
+        if buf is not None and buf.shape[1] != groups:
+            # NOTE: a recompile (a new batch size marked dynamic) can give the same tensor another statistics layout
+            # (fuzz seed 30178: 4 groups at batch 1, 33 after): each group count keeps its own running entry, which
+            # starts like any new one (this step's statistics). Raising here crashed training.
+            entry = f"{entry}@{groups}"
+            buf = self._entries.get(entry)
+        if buf is None:
             buf = torch.full((2, groups), float("nan"), dtype=torch.float32, device=device)
             self._entries[entry] = buf
         elif buf.device != device:

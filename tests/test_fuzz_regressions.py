@@ -226,3 +226,22 @@ def test_short_normalization_reason_is_the_same_in_every_compile() -> None:
     fuzz._train(prog, fuzzgen.source(prog), be, fuzz.steps_of(prog, setup))
     (gate,) = [t for p in be.plans for t in p.tensors if t.tensor_id == "b2_g:add#0"]
     assert "normalization over only 16 elements" in gate.detail and not gate.quantized
+
+
+def test_running_statistics_survive_a_layout_change_between_compiles() -> None:
+    """Seed 30178 (running statistics, batch marked dynamic): the recompile at batch 2 gave a softmax output another
+    statistics layout (33 groups, 4 at batch 1) under the same running entry, and the store raised mid-training. Each
+    group count now keeps its own entry."""
+    prog = fuzzgen.generate(30178)
+    setup = fuzz.Setup(stats="running", inner="eager", min_bytes=4096)
+    out = fuzz.check(prog, setup)
+    assert out.kind is None, f"{out.kind}: {out.detail}"
+    assert out.errs["tight"] == 0.0
+
+
+def test_store_keeps_one_entry_per_group_count() -> None:
+    store = RunningStats()
+    a = store.get("t", 4, torch.device("cpu"))
+    b = store.get("t", 33, torch.device("cpu"))
+    assert a.shape == (2, 4) and b.shape == (2, 33)
+    assert store.get("t", 4, torch.device("cpu")) is a and store.get("t", 33, torch.device("cpu")) is b
