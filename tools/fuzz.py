@@ -294,9 +294,15 @@ def check(prog: Program, setup: Setup, *, src: str | None = None, want_coverage:
         ofailed = [s for s in orc_seen.skips if s.reason is SkipReason.REWRITE_FAILED]
         if ofailed:
             raise _Fail("oracle", f"simulate failed: {ofailed[0].detail}")
-        if _plan_key(mesa_seen.plans) != _plan_key(orc_seen.plans):
+        mkey, okey = _plan_key(mesa_seen.plans), _plan_key(orc_seen.plans)
+        if mkey != okey:
             n, m = len(mesa_seen.plans), len(orc_seen.plans)
-            raise _Fail("plan", f"mesa made {n} plans, the oracle {m}; they differ")
+            diff = next(
+                ({k: (a[k], b[k]) for k in a if a[k] != b.get(k)} | {"tensor_id": a["tensor_id"]}
+                 for a, b in zip(mkey, okey) if a != b),
+                {"count": (len(mkey), len(okey))},
+            )  # fmt: skip
+            raise _Fail("plan", f"mesa made {n} plans, the oracle {m}; they differ: (mesa, oracle) {diff}")
         try:
             res.errs = _compare(prog, setup, eager, exact, mesa, orc)
         except _Fail as f:
