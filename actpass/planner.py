@@ -86,8 +86,8 @@ _STATS_BYTES = 8  # fp32 scale and low end per group
 # The target is MesaConfig.max_error, default 5%: the convergence suite (tools/bench_convergence.py, configs
 # mesa-8bit-err02/-err05/-codes, tools/results/convergence-cpu-maxerror.json) trained every language model of the suite
 # within 1% of inductor with 0.02 and 0.05 (0.05: 2.8-6.2x smaller, 0.005: 2.3-2.9x), and codes everywhere took HF
-# GPT-2 to +6% (+17% on one seed). The estimates are the trained-checkpoint worst case, which one step at
-# initialisation measures 10-100x lower.
+# GPT-2 to +6% (+17% on one seed). The estimates (1.9-5% at 0.05) are the trained-checkpoint worst case; one step at
+# initialisation measures 0.13-0.38% (tools/bench_planner.py).
 # NOTE: per-channel statistics cost 8 bytes per channel against `rows` code bytes per channel: 1.6% on the examples'
 # 512-row activations, which put mesa (3.697x) behind PyTorch's fp8 pass on GPT. Adjacent channels then share a group
 # until statistics are under 0.5% of the codes; at training sizes (thousands of rows) every channel keeps its own.
@@ -608,8 +608,8 @@ def solve_budget(candidates: dict[str, list[Option]], budget: int) -> tuple[dict
 def _fill(candidates: dict[str, list[Option]], chosen: dict[str, Option], slack: int) -> None:
     """Spend what the hull greedy left under the budget on options off the hulls, largest error removed first.
 
-    The greedy stops when no item's next hull point fits; options between hull points (another layout, float16)
-    often still do. On the training suite the greedy alone filled 96.2-100% of a budget (issue 8 asks for 98%).
+    The greedy stops when no item's next hull point fits; an option between hull points (another layout, float16)
+    may still. On the training suite it changed no measured fill (96.2-100% of a budget with and without it).
     """
     while True:
         best: tuple[str, Option] | None = None

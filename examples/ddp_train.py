@@ -61,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-error",
         type=float,
-        default=0.05,
+        default=None,
         help="mesa bits=8: estimated one-step gradient error allowed per graph ('inf': codes everywhere; "
-        "default: %(default)s)",
+        "default: MesaConfig's)",
     )
     p.add_argument(
         "--stats", choices=("dynamic", "running"), default="dynamic", help="mesa statistics (default: %(default)s)"
@@ -117,9 +117,8 @@ def make_backend(args: argparse.Namespace):
         return args.backend
     import actpass
 
-    return actpass.mesa(
-        bits=args.bits, stats=args.stats, rounding=args.rounding, inner=args.inner, max_error=args.max_error
-    )
+    extra = {} if args.max_error is None else {"max_error": args.max_error}  # None: MesaConfig's default
+    return actpass.mesa(bits=args.bits, stats=args.stats, rounding=args.rounding, inner=args.inner, **extra)
 
 
 def wrap(model: nn.Module, args: argparse.Namespace, backend, device: torch.device) -> nn.Module:
