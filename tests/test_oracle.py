@@ -299,7 +299,8 @@ def test_recompute_without_recipe_is_refused(monkeypatch):
 
 def _half_probabilities(monkeypatch) -> None:
     """Make float16 free for probabilities, so a tiny max_error plans them as float16 (the planner does so where
-    8-bit codes are estimated too coarse) and everything else but 1-bit masks exact."""
+    8-bit codes are estimated too coarse) and everything else but 1-bit masks exact. Callers also take
+    the no_plan_cache fixture, so no plan made under the patch is kept."""
     import dataclasses
 
     from actpass import planner
@@ -311,7 +312,6 @@ def _half_probabilities(monkeypatch) -> None:
         return dataclasses.replace(o, err=0.0) if o is not None else None
 
     monkeypatch.setattr(planner, "half_option", half)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)  # no plan made under the patch is kept
 
 
 def _matmul_attention() -> fuzzgen.Program:
@@ -320,7 +320,7 @@ def _matmul_attention() -> fuzzgen.Program:
     return prog
 
 
-def test_half_precision_and_bit_masks_are_tight(monkeypatch):
+def test_half_precision_and_bit_masks_are_tight(monkeypatch, no_plan_cache):
     """bits=16 (probabilities cast to float16 and back) and bits=1 (dropout masks packed): bit for bit."""
     _half_probabilities(monkeypatch)
     out = fuzz.check(_matmul_attention(), fuzz.Setup(inner="eager", max_error=1e-12))
@@ -329,7 +329,7 @@ def test_half_precision_and_bit_masks_are_tight(monkeypatch):
     assert out.coverage["bits"].get("16", 0) >= 1 and out.coverage["bits"].get("1", 0) >= 1, out.coverage["bits"]
 
 
-def test_oracle_catches_a_wrong_half_cast(monkeypatch):
+def test_oracle_catches_a_wrong_half_cast(monkeypatch, no_plan_cache):
     """A float16 probability rebuilt 1% too large in mesa's backward is caught as wiring."""
     _half_probabilities(monkeypatch)
     cast = torch.ops.prims.convert_element_type.default

@@ -271,13 +271,12 @@ def test_budget_error_type():
     assert issubclass(BudgetError, ValueError)
 
 
-def test_half_precision_probabilities(monkeypatch):
+def test_half_precision_probabilities(monkeypatch, no_plan_cache):
     """Probabilities whose 8-bit codes the error model finds too coarse are stored as float16 (half the bytes)."""
     torch.manual_seed(0)
     model = Block(64, 4, "eager")
     ref = copy.deepcopy(model)
     x = torch.randn(2, 33, 64)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)  # no plan made under the patch is kept
     real = planner.half_option
 
     def half_free(f, config, share):
