@@ -942,7 +942,7 @@ def gather_facts(
             # A graph input is a free source (alive anyway) unless it is a handed-over activation nobody stores.
             recipe = find_recipe(
                 root,
-                lambda n, r=root: (n in roots and n is not r),
+                lambda n, r=root: n in roots and n is not r,
                 syms,
                 free=lambda n: n.name not in activation_inputs,
             )

@@ -47,19 +47,37 @@ def parse_args(
         The namespace: backend, steps, batch, bits, device, dtype, preset, attn, lr, seed.
     """
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=BACKENDS, default="mesa",
-                   help="mesa: torch.compile(backend='mesa'); inductor: torch.compile(); eager: no torch.compile")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="mesa",
+        help="mesa: torch.compile(backend='mesa'); inductor: torch.compile(); eager: no torch.compile",
+    )
     p.add_argument("--steps", type=int, default=10, help="training steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=default_batch, help="batch size (default: %(default)s)")
-    p.add_argument("--bits", type=int, choices=(2, 4, 8), default=8,
-                   help="code width of saved activations, for --backend mesa (default: %(default)s)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(2, 4, 8),
+        default=8,
+        help="code width of saved activations, for --backend mesa (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="fp32, or bf16 = float32 weights under torch.autocast(dtype=torch.bfloat16)")
-    p.add_argument("--preset", choices=sorted(presets), default=default_preset,
-                   help="model size (default: %(default)s)")
-    p.add_argument("--attn", choices=tuple(attn_choices), default=attn_choices[0],
-                   help="attention implementation (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="fp32, or bf16 = float32 weights under torch.autocast(dtype=torch.bfloat16)",
+    )
+    p.add_argument(
+        "--preset", choices=sorted(presets), default=default_preset, help="model size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--attn",
+        choices=tuple(attn_choices),
+        default=attn_choices[0],
+        help="attention implementation (default: %(default)s)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="global torch seed for the run (default: %(default)s)")
     args = p.parse_args(argv)
@@ -120,8 +138,10 @@ def run(
     model = model.to(device).train()
     inputs = tuple(_to(x, device) for x in inputs)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{type(model).__name__} ({args.preset}, attn={args.attn}): {n_params / 1e6:.2f}M parameters; "
-        f"backend={args.backend} bits={args.bits} device={device} dtype={args.dtype} batch={args.batch}")
+    log(
+        f"{type(model).__name__} ({args.preset}, attn={args.attn}): {n_params / 1e6:.2f}M parameters; "
+        f"backend={args.backend} bits={args.bits} device={device} dtype={args.dtype} batch={args.batch}"
+    )
     step_fn = compile_model(model, args.backend, args.bits)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if device.type == "cuda":

@@ -53,14 +53,41 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Seconds-fast on CPU, for unit tests.
-    "tiny_test": Preset(32, dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=32)),
+    "tiny_test": Preset(
+        32,
+        dict(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        ),
+    ),
     # Small but realistic shapes; what the module-level `model` builds.
-    "cpu": Preset(128, dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=1024, max_position_embeddings=512)),
+    "cpu": Preset(
+        128,
+        dict(
+            vocab_size=8192,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            max_position_embeddings=512,
+        ),
+    ),
     # BERT-base (110M parameters) at BERT's phase-1 pre-training length, for GPUs.
-    "bert_base": Preset(128, dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                  intermediate_size=3072, max_position_embeddings=512)),
+    "bert_base": Preset(
+        128,
+        dict(
+            vocab_size=30522,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+        ),
+    ),
 }
 
 

@@ -49,15 +49,46 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Seconds-fast on CPU, for unit tests.
-    "tiny_test": Preset(32, dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    "tiny_test": Preset(
+        32,
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+    ),
     # Small but realistic shapes (head_dim 32, 4 query heads per KV head); what the module-level `model` builds.
-    "cpu": Preset(128, dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)),
+    "cpu": Preset(
+        128,
+        dict(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        ),
+    ),
     # The shapes of Llama-3.2-1B (1.2B parameters; its llama3 RoPE scaling left out), for GPUs.
-    "llama_1b": Preset(2048, dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                                  rope_theta=500000.0, tie_word_embeddings=True)),
+    "llama_1b": Preset(
+        2048,
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 

@@ -44,8 +44,9 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Seconds-fast on CPU, for unit tests.
-    "tiny_test": Preset("deit_tiny_patch16_224", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2,
-                                                          num_heads=4, num_classes=10)),
+    "tiny_test": Preset(
+        "deit_tiny_patch16_224", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    ),
     "deit_tiny": Preset("deit_tiny_patch16_224", 224),
     "deit_small": Preset("deit_small_patch16_224", 224),
 }

@@ -128,8 +128,9 @@ def test_bert_inputs_are_padded_and_masked() -> None:
     assert (ids[mask == 0] == ex.PAD_ID).all()
 
 
-@pytest.mark.parametrize(("name", "package"), [("hf_bert", "transformers"), ("hf_llama", "transformers"),
-                                               ("timm_vit", "timm")])
+@pytest.mark.parametrize(
+    ("name", "package"), [("hf_bert", "transformers"), ("hf_llama", "transformers"), ("timm_vit", "timm")]
+)
 def test_missing_dependency_says_how_to_install(name: str, package: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` raise ImportError
     with pytest.raises(ImportError, match=f"pip install {package}"):
@@ -139,11 +140,21 @@ def test_missing_dependency_says_how_to_install(name: str, package: str, monkeyp
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_training_demo_loop(dtype: str) -> None:
     train, gpt = _import("_train"), _example("gpt")
-    args = train.parse_args("demo", gpt.PRESETS, "tiny_test", 2,
-                            argv=["--backend", "eager", "--steps", "3", "--dtype", dtype, "--attn", "eager"])
+    args = train.parse_args(
+        "demo",
+        gpt.PRESETS,
+        "tiny_test",
+        2,
+        argv=["--backend", "eager", "--steps", "3", "--dtype", dtype, "--attn", "eager"],
+    )
     lines: list[str] = []
-    losses = train.run(gpt.build_model(args.preset, args.attn), gpt.make_inputs(args.preset, args.batch), gpt.loss,
-                       args, log=lines.append)
+    losses = train.run(
+        gpt.build_model(args.preset, args.attn),
+        gpt.make_inputs(args.preset, args.batch),
+        gpt.loss,
+        args,
+        log=lines.append,
+    )
     assert len(losses) == 3 and all(map(math.isfinite, losses))
     assert losses[-1] < losses[0]  # three AdamW steps on one fixed batch
     assert len(lines) == 4 and "loss" in lines[-1]

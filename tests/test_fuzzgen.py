@@ -174,7 +174,8 @@ def test_repro_file_runs(tmp_path):
 
 
 def test_batchnorm_needs_two_values_per_channel():
-    """Seed 760 drew BatchNorm over one sample of one token (invalid in training): the generator uses LayerNorm there."""
+    """Seed 760 drew BatchNorm over one sample of one token (invalid in training): the generator uses LayerNorm
+    there."""
     prog = fuzzgen.generate(760)
     assert prog.batch * fuzzgen.stream_len(prog) == 1
     assert "bn" not in [b.get("norm") for b in prog.blocks]

@@ -299,7 +299,7 @@ def check(prog: Program, setup: Setup, *, src: str | None = None, want_coverage:
             n, m = len(mesa_seen.plans), len(orc_seen.plans)
             diff = next(
                 ({k: (a[k], b[k]) for k in a if a[k] != b.get(k)} | {"tensor_id": a["tensor_id"]}
-                 for a, b in zip(mkey, okey) if a != b),
+                 for a, b in zip(mkey, okey, strict=False) if a != b),
                 {"count": (len(mkey), len(okey))},
             )  # fmt: skip
             raise _Fail("plan", f"mesa made {n} plans, the oracle {m}; they differ: (mesa, oracle) {diff}")

@@ -163,7 +163,8 @@ def generate(seed: int, *, precision: str | None = None, dynamic: bool | None = 
     prog = Program(seed, batch, seq, dim, stem, blocks, head, precision, dyn)
     if batch * stream_len(prog) < 2:
         # BatchNorm in training needs two values per channel (seed 760 drew one sample of one token): LayerNorm there.
-        # Sizes only grow with the step (step_sizes), so step 0 decides. No rng draw here: other seeds keep their programs.
+        # Sizes only grow with the step (step_sizes), so step 0 decides. No rng draw here: other seeds keep their
+        # programs.
         prog.blocks = [{**b, "norm": "ln"} if b.get("norm") == "bn" else b for b in blocks]
     return prog
 

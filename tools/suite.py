@@ -138,8 +138,15 @@ def hf_gpt2(steps: int, seed: int, attn: str = "eager") -> Task:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=256, n_positions=128, n_embd=128, n_layer=2, n_head=4, attn_implementation=attn, use_cache=False,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=256,
+        n_positions=128,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        attn_implementation=attn,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     batches, evals = _lm_batches(steps, 8, 128, seed)
     return Task(
@@ -158,9 +165,18 @@ def hf_llama(steps: int, seed: int) -> Task:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa", use_cache=False,
-        bos_token_id=0, eos_token_id=0, pad_token_id=None,
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
     )
     batches, evals = _lm_batches(steps, 8, 128, seed)
     return Task(
@@ -193,8 +209,14 @@ def hf_bert(steps: int, seed: int) -> Task:
     from transformers import BertConfig, BertForMaskedLM
 
     cfg = BertConfig(
-        vocab_size=257, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
-        max_position_embeddings=128, attn_implementation="sdpa", pad_token_id=0,
+        vocab_size=257,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+        pad_token_id=0,
     )
     train, val = _bytes_split()
     g = torch.Generator().manual_seed(seed + 1)
@@ -228,8 +250,15 @@ def hf_vit(steps: int, seed: int) -> Task:
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=256, num_labels=10, attn_implementation="sdpa",
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        num_labels=10,
+        attn_implementation="sdpa",
         # Set here because HF's loss sets it on the first call otherwise, and that config change recompiles.
         problem_type="single_label_classification",
     )
