@@ -204,6 +204,42 @@ def _saved_tensor_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> tuple[lis
     return user, saved
 
 
+_LOSS_HOPS = 8
+
+
+def _loss_inputs(user: list[fx.Node]) -> set[fx.Node]:
+    """Nodes whose values the gradient of a scalar output (the loss) is computed from directly.
+
+    From each 0-dim floating user output: back through scalar arithmetic and the reduction to a scalar (``mean``,
+    ``sum``, ``mse_loss``, ``nll_loss_forward``...), then through at most ``_LOSS_HOPS`` elementwise ops, casts and
+    views, stopping at (and including) the first op of another kind (a matmul, a normalization). A regression head's
+    output under ``mse_loss`` is one; a hidden activation behind a matmul is not.
+    """
+    reached: set[fx.Node] = set()
+    frontier = []
+    for n in user:
+        val = _tensor_val(n)
+        if val is not None and val.dim() == 0 and val.dtype.is_floating_point:
+            frontier.append((n, True))
+    for _ in range(_LOSS_HOPS + 4):
+        nxt = []
+        for n, scalar in frontier:
+            if n in reached:
+                continue
+            reached.add(n)
+            if n.op != "call_function":
+                continue
+            val = _tensor_val(n)
+            tuple_part = n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+            if scalar and (val is None or val.dim() == 0 or tuple_part):
+                # a scalar, or the scalar's part of a tuple-valued loss op: every tensor it reads feeds it
+                nxt += [(a, _tensor_val(a) is None or _tensor_val(a).dim() == 0) for a in _input_nodes(n)]
+            elif is_view_node(n) or n.target in _COPY_OPS or is_pointwise(n):
+                nxt += [(a, False) for a in _input_nodes(n)]
+        frontier = nxt
+    return reached
+
+
 def _near(root: fx.Node, depth: int = 3) -> list[str]:
     """Producer names of nodes within ``depth`` hops of ``root`` (users and inputs)."""
     seen = {root}
@@ -753,6 +789,7 @@ class StorageFacts:
     last_static: bool  # the memory-innermost dim is a plain int
     rebuildable: bool  # backward can rebuild every symbolic size it needs for the saved views (any layout)
     rebuildable_packed: bool  # ... also when the codes' last dim is packed (4/2 bits)
+    feeds_loss: bool = False  # the loss reads it through elementwise ops only: its values are the loss gradient's
 
 
 @dataclass(frozen=True)
@@ -866,6 +903,7 @@ def gather_facts(
     syms = SymSource(bw.graph) if bw is not None else None
     bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")} if bw is not None else {}
     user_roots = {storage_root(n) for n in user}
+    loss_inputs = _loss_inputs(user)
     groups: dict[fx.Node, _Group] = {}
     for n in saved:
         groups.setdefault(storage_root(n), _Group(storage_root(n))).members.append(n)
@@ -971,6 +1009,7 @@ def gather_facts(
                 last_static=last_static,
                 rebuildable=rb,
                 rebuildable_packed=rbp,
+                feeds_loss=root in loss_inputs or any(m in loss_inputs for m in grp.members),
             )
         )
     nodes = {n.name: n for n in fw.graph.nodes}

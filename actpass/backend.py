@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from actpass import cache  # hashes the pass's sources as imported (cache.pass_digest)
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass.analysis import (
     _op_short,
@@ -294,8 +295,6 @@ class MesaBackend:
     ) -> Callable[..., Any]:
         """compile_fx with mesa's partitioner, through AOTAutograd's cache; the plans are kept beside it."""
         from torch._inductor.compile_fx import compile_fx
-
-        from actpass import cache
 
         # The oracle's graphs differ from mesa's for the same config: its cache entries must never be served to mesa.
         cfg = {**self.config.to_dict(), "simulate": True} if self.simulate else self.config.to_dict()

@@ -23,7 +23,6 @@ saved): a plan is always reported, at worst for the price of a cold compile.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -45,14 +44,23 @@ _PACKAGE = Path(__file__).resolve().parent
 _FORMAT = 1  # bump when the pickled payload changes shape
 
 
-@functools.lru_cache(maxsize=1)
-def pass_digest() -> str:
-    """sha256 of every ``actpass/*.py`` source file (names and contents), computed once per process."""
+def _source_digest() -> str:
     h = hashlib.sha256()
     for path in sorted([*_PACKAGE.glob("*.py"), *_PACKAGE.glob("*.json")]):  # the sensitivity table too
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+# Hashed when the pass is imported (backend.py imports this module), not at the first compile: a long-lived process
+# that loaded the pass and then saw its sources edited on disk must not file plans made by the old code under the new
+# code's key.
+_PASS_DIGEST = _source_digest()
+
+
+def pass_digest() -> str:
+    """sha256 of every ``actpass/*.py`` source file (names and contents), as they were when the pass was imported."""
+    return _PASS_DIGEST
 
 
 def _meta_digest(gm: fx.GraphModule) -> str:

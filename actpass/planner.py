@@ -65,9 +65,15 @@ ROLE_LAYOUT: dict[Role, str] = {
     Role.CONV: "conv",
 }
 
-# Code width per role for each ``bits=`` setting (0 = exact). Roles not listed get the requested width.
+# Code width per role for each ``bits=`` setting (0 = exact). Roles not listed get the requested width. With bits=4
+# or 2 the width is a floor: the solver may go wider, never narrower, and the byte budget of bits=b counts the
+# storage at its floor. NOTE: a language model's logits (and log-probabilities) are the loss gradient's direct input:
+# 4-bit per-class codes of a tied-embedding head's logits measured 93.5% global gradient error under Inductor
+# (tools/fuzz.py --bits 4, seed 20079; 2.9% with them exact); the sensitivity table's 4-bit logits entry is 300-500x
+# its 8-bit one.
 ROLE_BITS: dict[Role, dict[int, int]] = {
     Role.LOG_PROBS: {8: 8, 4: 8, 2: 8},
+    Role.LOGITS: {4: 8, 2: 8},
 }
 
 # NOTE: roles that keep per-step statistics even with stats="running". Log-probabilities are the loss gradient
@@ -75,6 +81,15 @@ ROLE_BITS: dict[Role, dict[int, int]] = {
 # parameter's gradient: 8-bit running statistics at step 1, 51-58% global error on 3 of 100 generated programs
 # (tools/fuzz.py seeds 2034, 2053, 2070); per-step per-row statistics cost 8 bytes a row and do not clamp.
 PER_STEP_ROLES = (Role.LOG_PROBS,)
+
+
+def per_step(f: StorageFacts) -> bool:
+    """Whether ``f`` keeps per-step statistics even with stats="running": log-probabilities, and what the loss reads
+    through elementwise ops only (``StorageFacts.feeds_loss``). The same lag hit regression losses: an mse_loss
+    input (a head's output, its fp32 cast) stored with last step's ranges, 8-bit running statistics at step 1, 67% and
+    66% global error (tools/fuzz.py --stats running, seeds 30050 and 30212)."""
+    return f.role in PER_STEP_ROLES or f.feeds_loss
+
 
 _STATS_BYTES = 8  # fp32 scale and low end per group
 # NOTE: with bits=8, the estimated one-step gradient error of each graph is held under a target: where 8-bit codes
@@ -152,7 +167,7 @@ def quantized_option(
     """
     if f.role is Role.BOOL_MASK:
         return None  # bool tensors have one option: mask_option (1 bit per element)
-    running = config.stats is Stats.RUNNING and f.role not in PER_STEP_ROLES
+    running = config.stats is Stats.RUNNING and not per_step(f)
     ms = list(f.mshape)
     kind = kind or ROLE_LAYOUT.get(f.role, "channel")
     if kind == "channel" and len(ms) == 4 and not f.attn_layout and f.perm is None:
@@ -224,6 +239,8 @@ def quantized_option(
     }.get(kind, kind)
     if f.perm:
         detail += f", in memory order {list(f.perm)}"
+    if config.stats is Stats.RUNNING and per_step(f):
+        detail += ", this step's (the loss gradient reads it)"
     return Option(Decision.QUANTIZED, bits, nbytes, err, layout, gend, groups, chunk, row_block, detail, kind)
 
 
@@ -431,8 +448,10 @@ def plan_graph(
             candidates[f.root] = opts
         else:
             opts = [Option(Decision.KEPT, None, f.nbytes, 0.0, detail="exact (budget)")]
-            # bits=4 / bits=2 never go below that width: what recompute frees buys wider codes where it matters.
-            widths = (8, 4, 2) if budget_bytes is not None else tuple(b for b in (8, 4, 2) if b >= config.bits)
+            # bits=4 / bits=2 never go below that width (or the role's floor, ROLE_BITS): what recompute frees buys
+            # wider codes where it matters.
+            floor = ROLE_BITS.get(f.role, {}).get(config.bits, config.bits) if budget_bytes is None else 2
+            widths = (8, 4, 2) if budget_bytes is not None else tuple(b for b in (8, 4, 2) if floor and b >= floor)
             for b in widths if f.role is not Role.BOOL_MASK else (1,):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
             half = half_option(f, config, share)
@@ -440,7 +459,7 @@ def plan_graph(
                 opts.append(half)
             candidates[f.root] = coupled(opts, f)
             if budget_bytes is None:  # bits=4 or 2: what every storage would cost at that width
-                at_bits = best_option([o for o in opts if o.bits in (config.bits, 1)])
+                at_bits = best_option([o for o in opts if o.bits in (max(config.bits, floor), 1)])
                 uniform[f.root] = at_bits.bytes if at_bits is not None else f.nbytes
 
     plan_budget, reachable = None, None
@@ -486,7 +505,9 @@ def plan_graph(
             )
         for root, opt in chosen.items():
             if mixed:
-                opt = dataclasses.replace(opt, detail=f"{opt.detail}; bits={config.bits} spread by the solver")
+                floor = ROLE_BITS.get(by_root[root].role, {}).get(config.bits, config.bits)
+                why = f"; {by_root[root].role.value}: at least {floor} bits" if floor > config.bits else ""
+                opt = dataclasses.replace(opt, detail=f"{opt.detail}; bits={config.bits} spread by the solver{why}")
             choice[root] = (opt, Reason.BUDGET if opt.decision is Decision.KEPT else Reason.QUANTIZED)
         plan_budget = None if mixed else budget_bytes
 
@@ -678,7 +699,7 @@ def _records(
         quantized = opt.decision is Decision.QUANTIZED
         first = i == 0
         stats_key = ""
-        if quantized and opt.bits in (2, 4, 8) and config.stats is Stats.RUNNING and f.role not in PER_STEP_ROLES:
+        if quantized and opt.bits in (2, 4, 8) and config.stats is Stats.RUNNING and not per_step(f):
             stats_key = f"{store_name}/{key_prefix}{f.tensor_id}"
         tensors.append(
             SavedTensor(

@@ -115,16 +115,23 @@ _ELEMENT = {"torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}
 
 @pytest.mark.parametrize("bits", [4, 2])
 def test_bits4_and_2_cost_what_those_codes_would(bits):
-    """bits=b: the plan costs at most b-bit codes of every float tensor it may touch (what recompute frees buys
-    wider codes where the error model says it matters); no tensor gets fewer than b bits."""
+    """bits=b: the plan costs at most b-bit codes of every float tensor it may touch, logits at their 8-bit floor
+    (what recompute frees buys wider codes where the error model says it matters); no tensor gets fewer than b bits."""
     torch.manual_seed(0)
     idx = torch.randint(0, 64, (8, 64))
     be = _compile(TinyLM(dim=128), idx, idx, bits=bits)
     plan = be.plans[0]
     widths = {t.bits for t in plan.quantized} - {1}  # 1: bool masks, lossless
     assert widths <= {2, 4, 8} and min(widths) == bits  # never narrower than asked; wider where it buys the most
+    # A language model's logits never go under 8 bits (planner.ROLE_BITS, fuzz seed 20079), and bits=b pays for that.
+    logits = [t for t in plan.tensors if t.role is Role.LOGITS and t.bytes_before]
+    assert logits and all(t.bits == 8 and "logits: at least 8 bits" in t.detail for t in logits), logits
+
+    def floor(t) -> int:
+        return max(bits, planner.ROLE_BITS.get(t.role, {}).get(bits, bits))
+
     touched = [t for t in plan.tensors if t.counted and (t.recomputed or (t.quantized and t.bits != 1))]
-    codes = sum(t.bytes_before // _ELEMENT[t.dtype] * bits // 8 for t in touched)
+    codes = sum(t.bytes_before // _ELEMENT[t.dtype] * floor(t) // 8 for t in touched)
     rest = sum(t.bytes_after for t in plan.tensors if t.counted and t not in touched)
     assert plan.saved_bytes_after <= 1.05 * (codes + rest) + 8 * 4096  # + per-group statistics
 
