@@ -15,6 +15,7 @@ backward must rebuild. Per decision of a saved storage with root ``R``:
   channel chunks ``[rows, C/chunk, chunk]`` or row blocks ``[rows/row_block, row_block*C]``, quantize, dequantize,
   view back, inverse permute: one opaque op, in ``R``'s shape, dtype and strides);
 * 16 bits (half precision): the same op casts to float16 and back;
+* square-root companded codes (``code="sqrt"``): ``actpass::fake_quantize_sqrt``, the same math eagerly;
 * 1 bit (a bool mask packed to bits, lossless): nothing; backward must see the mask itself;
 * recomputed: the storage's recipe (``analysis.Recipe``: a short pointwise chain) replayed at the end of forward on
   its sources as backward has them: the ``R_hat`` of quantized sources, kept sources and parameters as they are;
@@ -57,6 +58,7 @@ import torch
 import torch.fx as fx
 
 from actpass import _reference
+from actpass import fused as _fused
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass import state as _state
 from actpass.analysis import GraphFacts, StorageFacts, storage_root, view_chain
@@ -134,6 +136,21 @@ def _fake_quantize_fake(x, bits, gend, groups, perm, chunk, row_block, stochasti
 _LIB.impl("fake_quantize", fake_quantize, "CompositeExplicitAutograd")
 torch.library.register_fake("actpass::fake_quantize", _fake_quantize_fake, lib=_LIB)
 
+_LIB.define("fake_quantize_sqrt(Tensor x, int bits) -> Tensor")
+
+
+def fake_quantize_sqrt(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """What mesa's backward rebuilds from square-root companded codes (``fused.sqrt_quantize_math``), in ``x``'s
+    shape, dtype and strides: the same functions mesa traces into its graphs, run eagerly."""
+    q, s, lo = _fused.sqrt_quantize_math(x, bits)
+    out = torch.empty_like(x)
+    out.copy_(_fused.sqrt_dequantize_math(q, s, lo, bits, x.shape[-1], x.dtype))
+    return out
+
+
+_LIB.impl("fake_quantize_sqrt", fake_quantize_sqrt, "CompositeExplicitAutograd")
+torch.library.register_fake("actpass::fake_quantize_sqrt", lambda x, bits: torch.empty_like(x), lib=_LIB)
+
 
 class OracleError(RewriteError):
     """The plan holds something the oracle cannot simulate (the graph is then kept exact, like a failed rewrite)."""
@@ -189,6 +206,13 @@ def simulate_plan(
             continue  # a bool mask packed to bits: lossless, backward must see the mask itself
         if first.bits not in (2, 4, 8, 16):
             raise OracleError(f"oracle cannot simulate {first.bits}-bit storage of {first.name}")
+        if first.code == "sqrt":
+            anchor = last_input[0] if root.op == "placeholder" and last_input else root
+            with fw.graph.inserting_after(anchor):
+                hat = fw.graph.call_function(torch.ops.actpass.fake_quantize_sqrt.default, (root, first.bits))
+            hat.meta["val"] = torch.empty_like(root.meta["val"])
+            subst[root] = hat
+            continue
         args = (
             root,
             first.bits,

@@ -36,7 +36,7 @@ import torch
 
 from actpass import _reference, sensitivity
 from actpass.analysis import GraphFacts, StorageFacts, _op_short, producer_name, shape_repr, source_line
-from actpass.config import MesaConfig, Stats
+from actpass.config import MesaConfig, Rounding, Stats
 from actpass.plan import Decision, GraphPlan, Layout, Reason, Role, SavedTensor
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,10 @@ ROLE_BITS: dict[Role, dict[int, int]] = {
 # itself (exp(log p) - target): running per-class ranges lag a step behind and clamp them, which moved every
 # parameter's gradient: 8-bit running statistics at step 1, 51-58% global error on 3 of 100 generated programs
 # (tools/fuzz.py seeds 2034, 2053, 2070); per-step per-row statistics cost 8 bytes a row and do not clamp.
-PER_STEP_ROLES = (Role.LOG_PROBS,)
+# Normalization inputs likewise: backward rebuilds x * rstd from the stored input and the exact row statistics of the
+# unclamped input, so a clamped channel skews whole rows (8-bit running statistics at step 1, 61% global error on a
+# residual stream into an RMSNorm, tools/fuzz.py --stats running seed 30466; 14% with per-step statistics there).
+PER_STEP_ROLES = (Role.LOG_PROBS, Role.NORM_INPUT)
 
 
 def per_step(f: StorageFacts) -> bool:
@@ -131,6 +134,7 @@ class Option:
     kind: str = ""  # layout kind: "head", "row", "channel", "conv", "tensor"
     own_err: float | None = None  # this storage's own share of ``err``; the rest is what it passes on to tensors
     # rebuilt from it in backward (recompute inherits its sources' rounding)
+    code: str = "uniform"  # or "sqrt" (see sqrt_option)
 
 
 def _channel_chunk(rows: int, c: int, bits: int) -> int:
@@ -240,7 +244,8 @@ def quantized_option(
     if f.perm:
         detail += f", in memory order {list(f.perm)}"
     if config.stats is Stats.RUNNING and per_step(f):
-        detail += ", this step's (the loss gradient reads it)"
+        why = "a normalization input" if f.role is Role.NORM_INPUT else "the loss gradient reads it"
+        detail += f", this step's ({why})"
     return Option(Decision.QUANTIZED, bits, nbytes, err, layout, gend, groups, chunk, row_block, detail, kind)
 
 
@@ -266,11 +271,42 @@ def half_option(f: StorageFacts, config: MesaConfig, share: float) -> Option | N
     return Option(Decision.QUANTIZED, 16, _numel(f) * 2, err, detail="float16 (half precision)", kind="half")
 
 
+# Roles stored with square-root companded codes where they apply, at the widths measured (tools/probe_codes.py).
+_SQRT_ROLES = (Role.PROBS,)
+_SQRT_BITS = (8, 4)
+
+
+def sqrt_option(f: StorageFacts, bits: int, config: MesaConfig, share: float) -> Option | None:
+    """Per-row codes of ``sqrt(x - row min)`` (``fused.sqrt_quantize_math``) for softmax probabilities; None where
+    they do not apply (other roles or widths, running statistics, stochastic rounding, symbolic or permuted shapes)."""
+    if f.role not in _SQRT_ROLES or bits not in _SQRT_BITS or not f.static or f.perm is not None or not f.mshape:
+        return None
+    if config.stats is Stats.RUNNING or config.rounding is not Rounding.NEAREST:
+        return None
+    if not (f.rebuildable_packed if bits < 8 else f.rebuildable):
+        return None
+    ms = list(f.mshape)
+    rows = math.prod(ms[:-1])
+    nbytes = rows * _reference.packed_last_dim(ms[-1], bits) + _STATS_BYTES * rows
+    err = sensitivity.estimate(f.role, "sqrt", bits, share)
+    detail = f"{bits}-bit codes of sqrt(x - row min), per-row statistics ({rows} groups)"
+    return Option(
+        Decision.QUANTIZED, bits, nbytes, err, Layout.PER_ROW, len(ms) - 1, -1, 1, 1, detail, "sqrt", code="sqrt"
+    )
+
+
 def quantized_options(f: StorageFacts, bits: int, config: MesaConfig, share: float) -> list[Option]:
-    """Every statistics layout ``f`` can take at ``bits``: per row, per channel, per head, per (sample, channel)."""
+    """Every statistics layout ``f`` can take at ``bits``: per row, per channel, per head, per (sample, channel).
+
+    Softmax probabilities take square-root companded codes instead where those apply (:func:`sqrt_option`): at the
+    same bytes they measured 5-3000x less gradient error than any uniform layout (see ``fused.sqrt_quantize_math``).
+    """
     if f.role is Role.BOOL_MASK:
         o = mask_option(f)
         return [o] if o is not None else []
+    o = sqrt_option(f, bits, config, share)
+    if o is not None:
+        return [o]
     kinds = ["row", "channel"]
     if f.attn_layout:
         kinds.append("head")
@@ -733,6 +769,7 @@ def _records(
                 if opt.decision is Decision.RECOMPUTED and f.recipe
                 else (),
                 row_block=opt.row_block,
+                code=opt.code if quantized else "uniform",
             )
         )
     return GraphPlan(

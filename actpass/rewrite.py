@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from actpass import emit as _emit
+from actpass import fused as _fused
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass.analysis import GraphFacts, StorageFacts, storage_root, view_chain
 from actpass.config import MesaConfig
@@ -162,6 +163,13 @@ class _Rewriter:
             qnode.name = _unique(f"{root.name}_actpass_half", graph, self.bw.graph)
             names = [qnode.name]
             outs_new.append(qnode)
+        elif first.code == "sqrt":  # square-root companded codes: aten ops, whatever the inner compiler
+            outs_new = _fused.emit_sqrt_quantize(graph, x, first.bits, after=anchor)
+            names = []
+            for node, s in zip(outs_new, ("q", "s", "lo"), strict=True):
+                node.name = _unique(f"{root.name}_actpass_sqrt_{s}", graph, self.bw.graph)
+                names.append(node.name)
+            vals = tuple(n.meta["val"] for n in outs_new)
         elif first.bits == 1:  # a bool mask: one packed tensor
             with mode:
                 vals = (torch.ops.actpass.pack_mask.default(x.meta["val"]),)
@@ -205,6 +213,9 @@ class _Rewriter:
                 deq = graph.call_function(cast, (new_ph[0], rval.dtype))
                 with mode:
                     deq.meta["val"] = cast(new_ph[0].meta["val"], rval.dtype)
+            elif first.code == "sqrt":
+                q, scale, lo = new_ph
+                deq = _fused.emit_sqrt_dequantize(graph, q, scale, lo, first.bits, int(xval.shape[-1]), rval.dtype, at)
             elif first.bits == 1:
                 shape = [self.syms.emit(d, d) for d in xval.shape]
                 deq = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))

@@ -346,3 +346,40 @@ def test_oracle_catches_a_wrong_half_cast(monkeypatch, no_plan_cache):
     _inject(monkeypatch, scale_half)
     out = fuzz.check(_matmul_attention(), fuzz.Setup(inner="eager", max_error=1e-12))
     assert out.kind == "wiring", (out.kind, out.detail)
+
+
+def test_sqrt_codes_of_probabilities_are_tight_and_checked():
+    """Softmax probabilities get square-root companded codes; the oracle replays the same math (bit for bit with
+    mesa), and a decode 1% off in mesa's backward is caught as wiring."""
+    out = fuzz.check(_matmul_attention(), fuzz.Setup(inner="eager"))
+    assert out.kind is None, out.detail
+    assert out.errs["tight"] == 0.0
+    assert out.coverage["code"].get("sqrt", 0) >= 1, out.coverage["code"]
+
+
+def test_oracle_catches_a_wrong_sqrt_decode(monkeypatch):
+    from actpass import fused as fused_mod
+
+    real = fused_mod.sqrt_dequantize_math
+
+    def off(*args, **kwargs):
+        return real(*args, **kwargs) * 1.01
+
+    # Mesa's backward traces the decode when the graph is rewritten; the oracle's forward calls it eagerly through
+    # actpass::fake_quantize_sqrt, which keeps the real one.
+    import actpass.oracle as oracle_mod
+
+    monkeypatch.setattr(fused_mod, "sqrt_dequantize_math", off)
+    monkeypatch.setattr(oracle_mod, "_fused", _RealSqrt(fused_mod, real))
+    out = fuzz.check(_matmul_attention(), fuzz.Setup(inner="eager"))
+    assert out.kind == "wiring", (out.kind, out.detail)
+
+
+class _RealSqrt:
+    """actpass.fused as the oracle sees it, with the true decode."""
+
+    def __init__(self, mod, real) -> None:
+        self._mod, self.sqrt_dequantize_math = mod, real
+
+    def __getattr__(self, name):
+        return getattr(self._mod, name)

@@ -64,6 +64,14 @@ def qdq_fn(f: StorageFacts, opt: Option, zero_preserve: bool = True) -> Callable
         return lambda x: x
     if opt.bits == 16:  # half precision
         return lambda x: x.to(torch.float16).to(x.dtype)
+    if getattr(opt, "code", "uniform") == "sqrt":  # square-root companded codes (actpass.fused)
+        from actpass import fused
+
+        def companded(x: torch.Tensor) -> torch.Tensor:
+            q, s, lo = fused.sqrt_quantize_math(x, opt.bits)
+            return fused.sqrt_dequantize_math(q, s, lo, opt.bits, x.shape[-1], x.dtype)
+
+        return companded
     perm = f.perm
 
     def fn(x: torch.Tensor) -> torch.Tensor:

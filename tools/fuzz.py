@@ -448,6 +448,7 @@ def _coverage(backend) -> dict[str, Any]:
                 cov["quantized_op"][_op_short(t.producer.split(" of ")[-1])] += 1
                 cov["layout"][t.layout.value] += 1
                 cov["bits"][str(t.bits)] += 1
+                cov["code"][t.code] += 1
                 cov["grouping"]["chunked" if t.chunk > 1 else "plain"] += 1
                 if t.row_block > 1:
                     cov["grouping"]["row blocks"] += 1
