@@ -296,3 +296,30 @@ def test_bits4_keeps_logits_at_8_bits() -> None:
     out = fuzz.check(BITS4_LOGITS, setup)
     assert out.kind is None, f"{out.kind}: {out.detail}"
     assert out.errs["mesa_exact"] < 0.1, out.errs
+
+
+# Seed 30466 (running statistics): a residual stream into an RMSNorm stored with last step's per-channel ranges,
+# clamped at step 1: 61% global gradient error (backward rebuilds x * rstd from the clamped input and the exact
+# statistics of the unclamped one). Fixed: normalization inputs keep per-step statistics (planner.PER_STEP_ROLES)
+# -> 14%.
+RUNNING_NORM_INPUT = fuzzgen.Program.from_json(
+    '{"batch": 2, "blocks": [{"aux": false, "dropout": 0.0, "gqa": "native", "head_dim": 7, "heads": 3, "impl": "'
+    'sdpa", "kind": "attn", "kv_heads": 1, "mask": "causal_flag", "merge": "permute_contiguous", "norm": "ln", "p'
+    'robs": "softmax", "qkv": "narrow", "residual": false}, {"act": "gelu", "frac": 0.25, "kind": "layout", "vari'
+    'ant": "group_view"}, {"aux": false, "dropout": 0.0, "gqa": "native", "head_dim": 1, "heads": 2, "impl": "mat'
+    'mul", "kind": "attn", "kv_heads": 1, "mask": "pad_additive", "merge": "einsum", "norm": "rms", "probs": "sof'
+    'tmax", "qkv": "narrow", "residual": true}], "dim": 64, "dynamic": [], "head": {"classes": 10, "kind": "tied"'
+    ', "norm": "ln", "pool": "none"}, "precision": "fp32", "seed": 30466, "seq": 3, "stem": {"kind": "tokens", "p'
+    'os": false, "vocab": 7}}'
+)
+
+
+def test_normalization_inputs_keep_per_step_statistics_when_running() -> None:
+    setup = fuzz.Setup(inner="eager", stats="running")
+    out = fuzz.check(RUNNING_NORM_INPUT, setup)
+    assert out.kind is None, f"{out.kind}: {out.detail}"
+    assert out.errs["mesa_exact"] < 0.3, out.errs
+    be = MesaBackend(setup.config(), store=RunningStats())
+    fuzz._train(RUNNING_NORM_INPUT, fuzzgen.source(RUNNING_NORM_INPUT), be, 1)
+    norm_in = [t for p in be.plans for t in p.tensors if t.role.value == "norm-in" and t.quantized]
+    assert norm_in and all(t.stats_key == "" and "a normalization input" in t.detail for t in norm_in), norm_in
