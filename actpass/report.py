@@ -563,7 +563,7 @@ _BITS_PREFIX = re.compile(r"^\d+-bit, ")  # the decision column says it already
 
 # Short words for the table's reason column; the long text is each record's `detail` (`--verbose`, JSON).
 _REASON_WORDS = {"parameter or input": "param/input", "excluded by policy": "policy"}
-# The decision column: "8-bit", "exact", "recompute".
+# The decision column: "8-bit", "8-bit sqrt" (square-root codes), "exact", "recompute".
 _DECISION_WORDS = {"kept": "exact", "recomputed": "recompute"}
 
 
@@ -578,7 +578,7 @@ def short_dtype(dtype: str) -> str:
 
 def decision_text(t: SavedTensor) -> str:
     if t.quantized and t.bits:
-        return f"{t.bits}-bit"
+        return f"{t.bits}-bit sqrt" if getattr(t, "code", "uniform") == "sqrt" else f"{t.bits}-bit"
     value = str(getattr(t.decision, "value", t.decision))
     return _DECISION_WORDS.get(value, value)
 
