@@ -299,3 +299,14 @@ def test_half_precision_probabilities(monkeypatch, no_plan_cache):
     torch.compile(ref, backend="inductor")(x).pow(2).mean().backward()
     # everything else exact (the threshold is ~0): only float16 rounding of the probabilities is left
     assert rel_err(grads(model), grads(ref)) < 2e-3
+
+
+@pytest.mark.parametrize("options", [{"stats": "running"}, {"rounding": "stochastic"}, {"bits": 2}])
+def test_probabilities_take_uniform_codes_where_square_root_codes_do_not_apply(options):
+    """Square-root codes are per-step, nearest, 8 or 4 bits (what was measured); elsewhere probabilities fall back to
+    uniform codes (or exact), never silently to something unplanned."""
+    torch.manual_seed(0)
+    be = _compile(Block(64, 4, "eager"), torch.randn(2, 33, 64), inner="eager", max_error=float("inf"), **options)
+    probs = _by_role(be.plans[0])[Role.PROBS]
+    assert probs and all(t.code == "uniform" for t in probs), probs
+    assert any(t.quantized for t in probs)
