@@ -142,30 +142,46 @@ def dequantize_math(
 # one-step gradient error with only the probabilities coded: HF GPT-2 8-bit uniform per row 191%, square-root 0.065%
 # (bf16 casts: 0.089%); 4-bit 4173% vs 1.0%; HF BERT 8-bit 0.0195% vs 0.0035%, 4-bit 0.79% vs 0.076%. Same bytes:
 # one code per element and a (scale, low end) pair per row. Signed tensors (scores, logits) measured worse with it.
-# Numerics: eager (inner="eager", and the oracle) and Inductor's CPU code differ in sqrt's last bit for some inputs
-# (tests/test_fused.py), so under Inductor a scale can be 1 ulp off and a code one step off at a rounding tie; the
-# fuzzer's Inductor tolerance covers that, and inner="eager" is bit for bit with the oracle.
+# Numerics: no result depends on a sqrt. A first guess of each code uses one, then the code is corrected against the
+# decision thresholds ((k - 0.5) / L)**2 * range, which are IEEE divisions and products; decoding is
+# lo + (code / L)**2 * range. So the codes and values are the same in eager (inner="eager", the oracle) and in
+# Inductor's code: computing the scale from a sqrt, as first written, differed in its last bit between the two (3 of
+# 594 values) and moved a 4-bit code by one step (tools/fuzz.py --bits 4 seed 20174, 7.5e-5 from the oracle).
+
+
+def _div(a: torch.Tensor, levels: float, like: torch.Tensor) -> torch.Tensor:
+    # A true division by L (a tensor, so it is not folded into a product with 1/L, which rounds differently).
+    return a / torch.full_like(like, levels)
 
 
 def sqrt_quantize_math(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Square-root companded codes along the last dim: per row ``lo = min``, codes of ``sqrt(x - lo)`` rounded to
-    nearest on ``[0, sqrt(max - lo)]`` in ``2**bits - 1`` steps. The specification (the oracle runs it eagerly, the
-    rewrite traces it into aten ops for any inner compiler).
+    """Square-root companded codes along the last dim. Per row, ``lo = min`` and ``range = max - lo``; code ``k``
+    stands for ``lo + (k / L)**2 * range`` (``L = 2**bits - 1``), and ``x`` gets the largest ``k`` whose threshold
+    ``((k - 0.5) / L)**2 * range`` is at most ``x - lo`` (round to nearest in the square root). The specification:
+    the oracle runs it eagerly, the rewrite traces it into aten ops for any inner compiler.
 
     Returns:
-        ``(q, scale, lo)``: uint8 codes (packed at 4/2 bits like the uniform codes), and fp32 ``scale`` and ``lo`` of
+        ``(q, range, lo)``: uint8 codes (packed at 4/2 bits like the uniform codes), and fp32 ``range`` and ``lo`` of
         shape ``x.shape[:-1]``. A row holding a zero at its minimum decodes it to exactly zero.
     """
     levels = float(2**bits - 1)
     xf = x.float()
     lo = torch.amin(xf, dim=-1, keepdim=True)
-    y = torch.sqrt(torch.clamp_min(xf - lo, 0.0))
-    scale = torch.amax(y, dim=-1, keepdim=True) / torch.full_like(lo, levels)
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    c = torch.floor(y * inv + 0.5)
+    v = xf - lo
+    rng = torch.amax(v, dim=-1, keepdim=True)
+    inv = torch.where(rng > 0, 1.0 / rng, torch.zeros_like(rng))
+    c = torch.floor(torch.sqrt(v * inv) * levels + 0.5)  # a guess, within one step of the code
     c = torch.where(c >= 0.0, c, torch.zeros_like(c))  # NaN -> 0, then the clamp to [0, L], as comparisons
     c = torch.where(c <= levels, c, torch.full_like(c, levels))
-    return _pack(c.to(torch.uint8), bits), scale.squeeze(-1), lo.squeeze(-1)
+
+    def threshold(k: torch.Tensor) -> torch.Tensor:
+        h = _div(k - 0.5, levels, rng)
+        return h * h * rng
+
+    c = c + (threshold(c + 1.0) <= v).to(torch.float32) - (threshold(c) > v).to(torch.float32)
+    c = torch.where(c >= 0.0, c, torch.zeros_like(c))
+    c = torch.where(c <= levels, c, torch.full_like(c, levels))
+    return _pack(c.to(torch.uint8), bits), rng.squeeze(-1), lo.squeeze(-1)
 
 
 def _unpack(q: torch.Tensor, bits: int, last_dim: int) -> torch.Tensor:
@@ -177,11 +193,12 @@ def _unpack(q: torch.Tensor, bits: int, last_dim: int) -> torch.Tensor:
 
 
 def sqrt_dequantize_math(
-    q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int, last_dim: int, dtype: torch.dtype
+    q: torch.Tensor, rng: torch.Tensor, lo: torch.Tensor, bits: int, last_dim: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Inverse of :func:`sqrt_quantize_math`: ``lo + (code * scale) ** 2`` in fp32 (a product, not a power), cast."""
-    d = _unpack(q, bits, last_dim).float() * scale.unsqueeze(-1)
-    return (d * d + lo.unsqueeze(-1)).to(dtype)
+    """Inverse of :func:`sqrt_quantize_math`: ``lo + (code / L)**2 * range`` in fp32, cast to ``dtype``."""
+    r = rng.unsqueeze(-1)
+    h = _div(_unpack(q, bits, last_dim).float(), float(2**bits - 1), r)
+    return (h * h * r + lo.unsqueeze(-1)).to(dtype)
 
 
 def emit_sqrt_quantize(graph: fx.Graph, x: fx.Node, bits: int, after: fx.Node | None = None) -> list[fx.Node]:
