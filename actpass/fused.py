@@ -66,6 +66,12 @@ def _per_column(v: torch.Tensor, g: int, r: int) -> torch.Tensor:
     return torch.as_strided(e, (1, g * r), (g * r, 1))
 
 
+def _clamp_codes(c: torch.Tensor, levels: float) -> torch.Tensor:
+    """NaN -> 0 and the clamp to [0, L], as comparisons (isnan does not vectorise in Inductor's CPU code)."""
+    c = torch.where(c >= 0.0, c, torch.zeros_like(c))
+    return torch.where(c <= levels, c, torch.full_like(c, levels))
+
+
 def quantize_math(
     x: torch.Tensor, bits: int, gend: int, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,9 +101,7 @@ def quantize_math(
     lo_b = _per_column(lo, g, r) if columns else lo.view(1, g, 1)
     inv_b = _per_column(inv, g, r) if columns else inv.view(1, g, 1)
     c = torch.floor((xs - lo_b) * inv_b + 0.5)
-    # NaN -> 0 and the clamp to [0, L], as comparisons (isnan does not vectorise in Inductor's CPU code).
-    c = torch.where(c >= 0.0, c, torch.zeros_like(c))
-    c = torch.where(c <= levels, c, torch.full_like(c, levels))
+    c = _clamp_codes(c, levels)
     # Zero-preserving rule: c is an integer >= 0 here, so "code 0 becomes 1" is a max with the 0/1 condition.
     c = torch.maximum(c, ((xs > lo_b) & (lo_b == 0)).to(torch.float32))
     c = c.to(torch.uint8).reshape(x.shape)
@@ -171,16 +175,13 @@ def sqrt_quantize_math(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     rng = torch.amax(v, dim=-1, keepdim=True)
     inv = torch.where(rng > 0, 1.0 / rng, torch.zeros_like(rng))
     c = torch.floor(torch.sqrt(v * inv) * levels + 0.5)  # a guess, within one step of the code
-    c = torch.where(c >= 0.0, c, torch.zeros_like(c))  # NaN -> 0, then the clamp to [0, L], as comparisons
-    c = torch.where(c <= levels, c, torch.full_like(c, levels))
+    c = _clamp_codes(c, levels)
 
     def threshold(k: torch.Tensor) -> torch.Tensor:
         h = _div(k - 0.5, levels, rng)
         return h * h * rng
 
-    c = c + (threshold(c + 1.0) <= v).to(torch.float32) - (threshold(c) > v).to(torch.float32)
-    c = torch.where(c >= 0.0, c, torch.zeros_like(c))
-    c = torch.where(c <= levels, c, torch.full_like(c, levels))
+    c = _clamp_codes(c + (threshold(c + 1.0) <= v).to(torch.float32) - (threshold(c) > v).to(torch.float32), levels)
     return _pack(c.to(torch.uint8), bits), rng.squeeze(-1), lo.squeeze(-1)
 
 

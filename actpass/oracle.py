@@ -207,30 +207,27 @@ def simulate_plan(
         if first.bits not in (2, 4, 8, 16):
             raise OracleError(f"oracle cannot simulate {first.bits}-bit storage of {first.name}")
         if first.code == "sqrt":
-            anchor = last_input[0] if root.op == "placeholder" and last_input else root
-            with fw.graph.inserting_after(anchor):
-                hat = fw.graph.call_function(torch.ops.actpass.fake_quantize_sqrt.default, (root, first.bits))
-            hat.meta["val"] = torch.empty_like(root.meta["val"])
-            subst[root] = hat
-            continue
-        args = (
-            root,
-            first.bits,
-            first.gend if first.gend is not None else 0,
-            first.groups if first.groups is not None else -1,
-            list(first.perm) if first.perm else None,
-            first.chunk,
-            first.row_block,
-            stochastic,
-            first.stats_key,
-            config.decay,
-        )
+            op, args = torch.ops.actpass.fake_quantize_sqrt.default, (root, first.bits)
+        else:
+            op = torch.ops.actpass.fake_quantize.default
+            args = (
+                root,
+                first.bits,
+                first.gend if first.gend is not None else 0,
+                first.groups if first.groups is not None else -1,
+                list(first.perm) if first.perm else None,
+                first.chunk,
+                first.row_block,
+                stochastic,
+                first.stats_key,
+                config.decay,
+            )
         # Where mesa's quantize_saved goes: right after the root (after the last graph input for a handed-over
         # activation), so random ops (dropout, stochastic rounding) draw from the default generator in the same order.
         anchor = last_input[0] if root.op == "placeholder" and last_input else root
         with fw.graph.inserting_after(anchor):
-            hat = fw.graph.call_function(torch.ops.actpass.fake_quantize.default, args)
-        hat.meta["val"] = _fake_quantize_fake(root.meta["val"], *args[1:])
+            hat = fw.graph.call_function(op, args)
+        hat.meta["val"] = torch.empty_like(root.meta["val"])  # the fakes of both ops: x's shape, dtype and strides
         subst[root] = hat
 
     # Recomputed storages: their recipes replayed on the sources as backward has them. The planner never recomputes

@@ -76,6 +76,12 @@ ROLE_BITS: dict[Role, dict[int, int]] = {
     Role.LOGITS: {4: 8, 2: 8},
 }
 
+
+def role_bits(role: Role, bits: int) -> int:
+    """:data:`ROLE_BITS`' width for ``role`` at ``bits=`` (``bits`` itself for roles not listed; 0 = exact)."""
+    return ROLE_BITS.get(role, {}).get(bits, bits)
+
+
 # NOTE: roles that keep per-step statistics even with stats="running". Log-probabilities are the loss gradient
 # itself (exp(log p) - target): running per-class ranges lag a step behind and clamp them, which moved every
 # parameter's gradient: 8-bit running statistics at step 1, 51-58% global error on 3 of 100 generated programs
@@ -466,7 +472,7 @@ def plan_graph(
             choice[f.root] = (opt, Reason.QUANTIZED) if opt is not None else _unsupported(f, config)
             continue
         if budget_bytes is None and config.bits == 8:
-            bits = ROLE_BITS.get(f.role, {}).get(config.bits, config.bits)
+            bits = role_bits(f.role, config.bits)
             if bits == 0:
                 choice[f.root] = _kept(f, Reason.SENSITIVE, f"{f.role.value}: kept exact at bits={config.bits}")
                 continue
@@ -486,7 +492,7 @@ def plan_graph(
             opts = [Option(Decision.KEPT, None, f.nbytes, 0.0, detail="exact (budget)")]
             # bits=4 / bits=2 never go below that width (or the role's floor, ROLE_BITS): what recompute frees buys
             # wider codes where it matters.
-            floor = ROLE_BITS.get(f.role, {}).get(config.bits, config.bits) if budget_bytes is None else 2
+            floor = role_bits(f.role, config.bits) if budget_bytes is None else 2
             widths = (8, 4, 2) if budget_bytes is not None else tuple(b for b in (8, 4, 2) if floor and b >= floor)
             for b in widths if f.role is not Role.BOOL_MASK else (1,):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
@@ -541,7 +547,7 @@ def plan_graph(
             )
         for root, opt in chosen.items():
             if mixed:
-                floor = ROLE_BITS.get(by_root[root].role, {}).get(config.bits, config.bits)
+                floor = role_bits(by_root[root].role, config.bits)
                 why = f"; {by_root[root].role.value}: at least {floor} bits" if floor > config.bits else ""
                 opt = dataclasses.replace(opt, detail=f"{opt.detail}; bits={config.bits} spread by the solver{why}")
             choice[root] = (opt, Reason.BUDGET if opt.decision is Decision.KEPT else Reason.QUANTIZED)

@@ -129,7 +129,7 @@ def test_bits4_and_2_cost_what_those_codes_would(bits):
     assert logits and all(t.bits == 8 and "logits: at least 8 bits" in t.detail for t in logits), logits
 
     def floor(t) -> int:
-        return max(bits, planner.ROLE_BITS.get(t.role, {}).get(bits, bits))
+        return max(bits, planner.role_bits(t.role, bits))
 
     touched = [t for t in plan.tensors if t.counted and (t.recomputed or (t.quantized and t.bits != 1))]
     codes = sum(t.bytes_before // _ELEMENT[t.dtype] * floor(t) // 8 for t in touched)
