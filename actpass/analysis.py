@@ -628,14 +628,9 @@ def _norm_width(u: fx.Node, n: fx.Node) -> int | None:
     return math.prod(shape[d] for d in dims)
 
 
-def _short_norm_width(root: fx.Node, members) -> int | None:
-    """How many elements a normalization reading the storage normalizes over, when under ``_MIN_NORM_WIDTH``; else
-    None. The walk goes through views, casts and pointwise ops: the norm's own input may be recomputed from this
-    storage in backward (seed 786: an RMSNorm over 3 channels whose input, a residual sum, was rebuilt from a
-    quantized operand: 9.2% gradient error, 0.8% with that operand exact)."""
-    # NOTE: the narrowest one found, not the first: the walk goes over sets of nodes, whose order is not the same in
-    # two compiles of one graph (fuzz seed 10457: a storage read by norms over 21 and 16 elements was reported with
-    # either width, so mesa's and the oracle's plans differed in their text).
+def _norm_widths(root: fx.Node, members) -> list[int]:
+    """How many elements each normalization reading the storage normalizes over. The walk goes through views, casts
+    and pointwise ops (3 hops): the norm's own input may be recomputed from this storage in backward."""
     frontier = {root, *members}
     seen = set(frontier)
     widths = []
@@ -648,13 +643,44 @@ def _short_norm_width(root: fx.Node, members) -> int | None:
                     reads += [(m, u) for m in u.users]
                 for a, b in reads:
                     w = _norm_width(a, b)
-                    if w is not None and w < _MIN_NORM_WIDTH:
+                    if w is not None:
                         widths.append(w)
                 if u not in seen and (is_view_node(u) or u.target in _COPY_OPS or is_pointwise(u)):
                     seen.add(u)
                     nxt.add(u)
         frontier = nxt
-    return min(widths) if widths else None
+    return widths
+
+
+def _short_norm_width(root: fx.Node, members) -> int | None:
+    """How many elements a normalization reading the storage normalizes over, when under ``_MIN_NORM_WIDTH``; else
+    None (seed 786: an RMSNorm over 3 channels whose input, a residual sum, was rebuilt from a quantized operand: 9.2%
+    gradient error, 0.8% with that operand exact)."""
+    # NOTE: the narrowest one found, not the first: the walk goes over sets of nodes, whose order is not the same in
+    # two compiles of one graph (fuzz seed 10457: a storage read by norms over 21 and 16 elements was reported with
+    # either width, so mesa's and the oracle's plans differed in their text).
+    short = [w for w in _norm_widths(root, members) if w < _MIN_NORM_WIDTH]
+    return min(short) if short else None
+
+
+_PRODUCTS = {aten.mm.default: 0, aten.bmm.default: 0, aten.addmm.default: 1, aten.baddbmm.default: 1}
+
+
+def _outer_product(root: fx.Node) -> bool:
+    """Whether ``root`` is (a view or cast of) a matrix product over a single element: ``[N, 1] @ [1, C]``, rank one
+    (a ``Linear(1, C)``), plus at most a per-column bias."""
+    n = root
+    for _ in range(4):
+        if n.op != "call_function":
+            return False
+        if n.target in _PRODUCTS:
+            a = _tensor_val(n.args[_PRODUCTS[n.target]])
+            out = _tensor_val(n)
+            return a is not None and out is not None and hint(a.shape[-1]) == 1 and hint(out.shape[-1]) > 1
+        if not (is_view_node(n) or n.target in _COPY_OPS) or not n.args or not isinstance(n.args[0], fx.Node):
+            return False
+        n = n.args[0]
+    return False
 
 
 def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
@@ -941,6 +967,15 @@ def gather_facts(
                 Reason.SENSITIVE,
                 f"input of a normalization over only {width} elements: its gradient is ill-conditioned, rounding is "
                 f"amplified (kept exact under {_MIN_NORM_WIDTH})",
+            )
+        if fixed is None and role is not Role.ROW_STAT and _outer_product(root) and _norm_widths(root, grp.members):
+            # Fuzz seed 40389: Linear(1, 16) -> BatchNorm1d -> LayerNorm. After the BatchNorm every channel is +-one
+            # value per row and the LayerNorm is invariant to its scale, so the exact gradient into the BatchNorm input
+            # cancels to rounding level; 8-bit codes of it left 178% global error (fp32), exact 0.01%.
+            fixed = (
+                Reason.SENSITIVE,
+                "input of a normalization, and a product over one element (rank one): normalizing it leaves +-one value "
+                "per row, whose gradient cancels; rounding would dominate it",
             )
         if fixed is not None and fixed[0] is Reason.MASK:
             role = Role.MASK
