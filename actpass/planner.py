@@ -144,17 +144,18 @@ class Option:
 
 
 def _channel_chunk(rows: int, c: int, bits: int) -> int:
-    """How many adjacent channels share a group (a power of two dividing C, at most ``_MAX_CHUNK``)."""
+    """How many adjacent channels share a group (a power of two dividing C, at most ``_MAX_CHUNK``); 8-bit codes only."""
     if rows < _MIN_CHUNK_ROWS:
         return 1  # small tensors: accuracy first (4-bit with 16 channels per group measured 16.6% at 34 rows)
+    # NOTE: below 8 bits a range shared by up to 4 channels costs more than its statistics save: HF ViT (520 rows)
+    # at bits=4, 4 GELU-input channels per group: 7.64x smaller, 4.15% one-step gradient error; one per channel:
+    # 7.58x, 3.21% (tools/bench_planner.py --tasks hf-vit --configs bits4).
+    if bits < 8:
+        return 1
     code_bytes = rows * c * bits / 8
     k = 1
     while 2 * 4 * c / k > _STATS_BUDGET * code_bytes and k < _MAX_CHUNK and c % (2 * k) == 0:
         k *= 2
-    while k > 1 and (k * bits) % 8:  # packed codes along the chunk must fill whole bytes
-        k *= 2
-        if c % k:
-            return 1
     return k
 
 
