@@ -11,6 +11,9 @@ chosen at run time), everything else exact:
 * ``sqrt8`` / ``sqrt4``: per row, uniform codes of ``sqrt(x - min)`` over ``[0, sqrt(max - min)]``, decoded as
   ``min + (q * scale) ** 2`` (companding: fine steps near the row minimum, where most probabilities are; 8 bytes of
   statistics per row as the uniform per-row layout; zeros stay zeros when the row holds one);
+* ``ssqrt8`` / ``ssqrt4`` / ``scbrt8`` / ``scbrt4`` (``--roles act-in``, activation inputs): per channel, uniform
+  codes of ``sign(x) |x| ** (1/2)`` (or ``** (1/3)``) decoded by the inverse power: fine steps near zero, where
+  GELU's derivative changes fastest (tools/results/probe-codes-actin-cpu.json: no consistent gain, not shipped);
 * ``e4m3`` / ``e5m2``: float8 after scaling each row's absolute maximum to the format's largest value (4 bytes/row);
 * ``float16`` / ``bfloat16``: casts (2 bytes per element).
 
@@ -43,6 +46,8 @@ from actpass import planner  # noqa: E402
 from actpass.plan import Role  # noqa: E402
 
 ROLES = ("probs", "scores", "logits")
+# Roles whose storages are activation inputs (GELU/SiLU): the companded per-channel codes below are probed as well.
+CHANNEL_ROLES = ("act-in",)
 _F8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 
 
@@ -59,6 +64,24 @@ def sqrt_codes(bits: int):
         inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
         q = torch.floor(y * inv + 0.5).clamp(0, top)
         return (lo + (q * scale) ** 2).to(x.dtype)
+
+    return fn
+
+
+def signed_power_codes(bits: int, power: float):
+    """Companded per-channel codes (last dim): uniform codes of ``sign(x) |x| ** power`` between the channel's ends,
+    decoded by the inverse power: fine steps near zero, where an activation's derivative changes fastest."""
+    top = 2**bits - 1
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float().reshape(-1, x.shape[-1])
+        y = xf.sign() * xf.abs().pow(power)
+        lo, hi = y.amin(dim=0, keepdim=True), y.amax(dim=0, keepdim=True)
+        scale = (hi - lo) / top
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        q = torch.floor((y - lo) * inv + 0.5).clamp(0, top)
+        z = lo + q * scale
+        return (z.sign() * z.abs().pow(1.0 / power)).reshape(x.shape).to(x.dtype)
 
     return fn
 
@@ -84,7 +107,11 @@ def codes_for(f, bits_planner, cfg) -> dict[str, Any]:
     for b in (8, 4):
         o = planner.quantized_option(f, b, cfg, 0.0)
         out[f"uniform{b}"] = _probe.qdq_fn(f, o) if o is not None else None
-        out[f"sqrt{b}"] = sqrt_codes(b)
+        if f.role.value in CHANNEL_ROLES:
+            out[f"ssqrt{b}"] = signed_power_codes(b, 0.5)
+            out[f"scbrt{b}"] = signed_power_codes(b, 1 / 3)
+        else:
+            out[f"sqrt{b}"] = sqrt_codes(b)
     out["e4m3"] = scaled_float8("e4m3")
     out["e5m2"] = scaled_float8("e5m2")
     out["float16"] = cast(torch.float16)
@@ -95,6 +122,7 @@ def codes_for(f, bits_planner, cfg) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", choices=list(suite.TASKS), default=["hf-gpt2", "hf-vit", "hf-bert"])
+    ap.add_argument("--roles", nargs="+", default=list(ROLES), help=f"roles to probe (also: {', '.join(CHANNEL_ROLES)})")
     ap.add_argument("--steps", type=int, default=150, help="exact training steps before the measured step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=suite.ROOT / "tools" / "results" / "probe-codes-cpu.json")
@@ -112,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         totals = p.totals()
         cfg = p.backend.config
         task: dict[str, Any] = {}
-        for role in ROLES:
+        for role in args.roles:
             fs = [(g, f) for g, f in p.storages() if f.role is Role(role) and f.fixed is None]
             if not fs:
                 continue
