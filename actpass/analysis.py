@@ -974,8 +974,8 @@ def gather_facts(
             # cancels to rounding level; 8-bit codes of it left 178% global error (fp32), exact 0.01%.
             fixed = (
                 Reason.SENSITIVE,
-                "input of a normalization, and a product over one element (rank one): normalizing it leaves +-one value "
-                "per row, whose gradient cancels; rounding would dominate it",
+                "input of a normalization, and a product over one element (rank one): normalizing it leaves +-one "
+                "value per row, whose gradient cancels; rounding would dominate it",
             )
         if fixed is not None and fixed[0] is Reason.MASK:
             role = Role.MASK

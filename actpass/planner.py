@@ -144,7 +144,7 @@ class Option:
 
 
 def _channel_chunk(rows: int, c: int, bits: int) -> int:
-    """How many adjacent channels share a group (a power of two dividing C, at most ``_MAX_CHUNK``); 8-bit codes only."""
+    """How many adjacent channels share a group of 8-bit codes (a power of two dividing C, at most ``_MAX_CHUNK``)."""
     if rows < _MIN_CHUNK_ROWS:
         return 1  # small tensors: accuracy first (4-bit with 16 channels per group measured 16.6% at 34 rows)
     # NOTE: below 8 bits a range shared by up to 4 channels costs more than its statistics save: HF ViT (520 rows)

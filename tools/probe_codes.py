@@ -122,7 +122,9 @@ def codes_for(f, bits_planner, cfg) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", choices=list(suite.TASKS), default=["hf-gpt2", "hf-vit", "hf-bert"])
-    ap.add_argument("--roles", nargs="+", default=list(ROLES), help=f"roles to probe (also: {', '.join(CHANNEL_ROLES)})")
+    ap.add_argument(
+        "--roles", nargs="+", default=list(ROLES), help=f"roles to probe (also: {', '.join(CHANNEL_ROLES)})"
+    )
     ap.add_argument("--steps", type=int, default=150, help="exact training steps before the measured step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=suite.ROOT / "tools" / "results" / "probe-codes-cpu.json")
