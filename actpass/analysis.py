@@ -385,6 +385,53 @@ except AttributeError:  # pragma: no cover - prims always exist on supported tor
 _CAST_OPS = {aten._to_copy.default, aten.clone.default, aten.copy.default, *_COPY_OPS} - {aten.expand.default}
 
 
+_WHERE_OPS = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
+_FILL_OPS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+_VALUE_CASTS = {aten._to_copy.default, aten.clone.default, torch.ops.prims.convert_element_type.default}
+
+
+def _constant(a) -> float | None:
+    """The value of a constant argument: a Python number, or a ``full``/``scalar_tensor``/``zeros``/``ones`` node
+    (the same value everywhere)."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return float(a)
+    if not (isinstance(a, fx.Node) and a.op == "call_function"):
+        return None
+    v = {
+        aten.full.default: lambda: a.args[1],
+        aten.scalar_tensor.default: lambda: a.args[0],
+        aten.zeros.default: lambda: 0.0,
+        aten.ones.default: lambda: 1.0,
+    }.get(a.target, lambda: None)()
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def two_values(root: fx.Node) -> tuple[float, float] | None:
+    """``(a, b)`` when ``root`` holds only the two constants ``a`` and ``b`` (not NaN) by construction:
+    ``where(cond, a, b)`` or ``full(b).masked_fill(cond, a)``, e.g. an additive causal mask ``where(allowed, 0.0,
+    -inf)``. 1 bit per element (``x == a``) stores it losslessly. None otherwise."""
+    val = _tensor_val(root)
+    while (
+        root.op == "call_function"
+        and (root.target in _VALUE_CASTS or is_view_node(root))
+        and isinstance(root.args[0], fx.Node)
+    ):
+        root = root.args[0]  # a cast, copy or view of a two-valued tensor holds the two values (cast)
+    if root.op != "call_function" or len(root.args) != 3:
+        return None
+    if root.target in _WHERE_OPS:
+        a, b = _constant(root.args[1]), _constant(root.args[2])
+    elif root.target in _FILL_OPS:
+        a, b = _constant(root.args[2]), _constant(root.args[0])
+    else:
+        return None
+    if val is None or not val.dtype.is_floating_point or a is None or b is None or math.isnan(a) or math.isnan(b):
+        return None
+    # the values as stored: the constants in the output's dtype
+    a, b = (float(torch.tensor(v, dtype=torch.float64).to(val.dtype)) for v in (a, b))
+    return (a, b)
+
+
 def is_pointwise(node: fx.Node) -> bool:
     """A deterministic elementwise op (``torch.Tag.pointwise``, not seeded-random)."""
     t = node.target
@@ -816,6 +863,7 @@ class StorageFacts:
     rebuildable: bool  # backward can rebuild every symbolic size it needs for the saved views (any layout)
     rebuildable_packed: bool  # ... also when the codes' last dim is packed (4/2 bits)
     feeds_loss: bool = False  # the loss reads it through elementwise ops only: its values are the loss gradient's
+    two_values: tuple[float, float] | None = None  # where(cond, a, b) between constants: (a, b), 1 bit stores it
 
 
 @dataclass(frozen=True)
@@ -947,7 +995,14 @@ def gather_facts(
         ordinals[(mpath, short)] = k + 1
         handed = root.op == "placeholder" and root.name in activation_inputs
         fixed = _fixed(root, val, grp.members, handed)
-        is_bool = val is not None and val.dtype is torch.bool  # stored losslessly: comparisons stay exact
+        # An additive mask made by where(cond, 0, -inf) holds two values: stored as 1 bit per element, losslessly,
+        # instead of exactly (HF Llama's causal mask [8, 1, 128, 128]: 17% of its bytes at bits=4).
+        pair = two_values(root) if fixed is None or fixed[0] is Reason.MASK else None
+        if pair is not None and not (is_dense(val) and all(isinstance(d, int) for d in val.shape)):
+            pair = None
+        if pair is not None:
+            fixed = None
+        is_bool = val is not None and (val.dtype is torch.bool or pair is not None)  # lossless: comparisons stay exact
         compared = bool(bw_ph) and not is_bool and _compared_in_backward(root, grp.members, bw_ph, allow_direct=False)
         if fixed is None and bw_ph and not is_bool and _compared_in_backward(root, grp.members, bw_ph):
             fixed = (
@@ -959,16 +1014,19 @@ def gather_facts(
             role = Role.INPUT
         else:
             role = classify(root, grp.members) if not handed else _classify_by_use(root, grp.members)
+        if pair is not None:
+            role = Role.MASK
         if fixed is None and role is Role.ROW_STAT:
             fixed = (Reason.ROW_STATISTIC, "normalization/attention row statistic: it scales whole gradient rows")
-        width = _short_norm_width(root, grp.members) if fixed is None and role is not Role.ROW_STAT else None
+        lossy = pair is None  # what follows keeps rounding away from ill-conditioned inputs; 1 bit of a pair is exact
+        width = _short_norm_width(root, grp.members) if fixed is None and lossy and role is not Role.ROW_STAT else None
         if width is not None:
             fixed = (
                 Reason.SENSITIVE,
                 f"input of a normalization over only {width} elements: its gradient is ill-conditioned, rounding is "
                 f"amplified (kept exact under {_MIN_NORM_WIDTH})",
             )
-        if fixed is None and role is not Role.ROW_STAT and _outer_product(root) and _norm_widths(root, grp.members):
+        if fixed is None and lossy and _outer_product(root) and _norm_widths(root, grp.members):
             # Fuzz seed 40389: Linear(1, 16) -> BatchNorm1d -> LayerNorm. After the BatchNorm every channel is +-one
             # value per row and the LayerNorm is invariant to its scale, so the exact gradient into the BatchNorm input
             # cancels to rounding level; 8-bit codes of it left 178% global error (fp32), exact 0.01%.
@@ -1045,6 +1103,7 @@ def gather_facts(
                 rebuildable=rb,
                 rebuildable_packed=rbp,
                 feeds_loss=root in loss_inputs or any(m in loss_inputs for m in grp.members),
+                two_values=pair,
             )
         )
     nodes = {n.name: n for n in fw.graph.nodes}

@@ -16,7 +16,8 @@ backward must rebuild. Per decision of a saved storage with root ``R``:
   view back, inverse permute: one opaque op, in ``R``'s shape, dtype and strides);
 * 16 bits (half precision): the same op casts to float16 and back;
 * square-root companded codes (``code="sqrt"``): ``actpass::fake_quantize_sqrt``, the same math eagerly;
-* 1 bit (a bool mask packed to bits, lossless): nothing; backward must see the mask itself;
+* 1 bit (a bool mask packed to bits, or a two-valued float mask, ``code='select'``; lossless): nothing; backward
+  must see the mask itself;
 * recomputed: the storage's recipe (``analysis.Recipe``: a short pointwise chain) replayed at the end of forward on
   its sources as backward has them: the ``R_hat`` of quantized sources, kept sources and parameters as they are;
 * kept: nothing.

@@ -102,7 +102,8 @@ class SavedTensor:
     recompute_from: tuple[str, ...] = ()  # what they are replayed from: tensor ids of stored tensors, or "param/input"
     row_block: int = 1  # rows sharing one group (per-row layouts); >1 views [.., N] as [rows/row_block, row_block*N]
     input_name: str = ""  # graph inputs: the parameter, buffer or model input it is, e.g. "blocks.0.fc1.weight"
-    code: str = "uniform"  # "uniform": codes of x; "sqrt": per-row codes of sqrt(x - row min) (fused.sqrt_*_math)
+    code: str = "uniform"  # "uniform": codes of x; "sqrt": per-row codes of sqrt(x - row min) (fused.sqrt_*_math);
+    # "select": 1 bit per element of a tensor that holds two values a, b (where(cond, a, b)): x == a
 
     @property
     def quantized(self) -> bool:

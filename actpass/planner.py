@@ -140,7 +140,7 @@ class Option:
     kind: str = ""  # layout kind: "head", "row", "channel", "conv", "tensor"
     own_err: float | None = None  # this storage's own share of ``err``; the rest is what it passes on to tensors
     # rebuilt from it in backward (recompute inherits its sources' rounding)
-    code: str = "uniform"  # or "sqrt" (see sqrt_option)
+    code: str = "uniform"  # or "sqrt" (see sqrt_option), "select" (see mask_option)
 
 
 def _channel_chunk(rows: int, c: int, bits: int) -> int:
@@ -176,8 +176,8 @@ def quantized_option(
         kind: a layout other than the role's ("head", "row", "channel", "conv"), for measurements.
         row_block: rows per group for per-row layouts, instead of the planner's choice.
     """
-    if f.role is Role.BOOL_MASK:
-        return None  # bool tensors have one option: mask_option (1 bit per element)
+    if f.role is Role.BOOL_MASK or f.two_values is not None:
+        return None  # bool and two-valued tensors have one option: mask_option (1 bit per element)
     running = config.stats is Stats.RUNNING and not per_step(f)
     ms = list(f.mshape)
     kind = kind or ROLE_LAYOUT.get(f.role, "channel")
@@ -257,10 +257,19 @@ def quantized_option(
 
 
 def mask_option(f: StorageFacts) -> Option | None:
-    """A bool tensor as 1 bit per element (lossless): the only option worth having for it."""
+    """A bool tensor as 1 bit per element (lossless): the only option worth having for it. So is a tensor that holds
+    two values by construction (``where(cond, a, b)`` between constants, ``StorageFacts.two_values``): one bit says
+    which, and backward selects ``a`` or ``b`` again."""
     if not f.static:
         return None
-    return Option(Decision.QUANTIZED, 1, (_numel(f) + 7) // 8, 0.0, detail="1 bit per element (lossless)", kind="bits")
+    nbytes = (_numel(f) + 7) // 8
+    if f.two_values is not None:
+        if not _numel(f):
+            return None
+        a, b = f.two_values
+        detail = f"two values (built from {a:g} and {b:g}): 1 bit per element (lossless)"
+        return Option(Decision.QUANTIZED, 1, nbytes + 8, 0.0, detail=detail, kind="bits", code="select")  # + max, min
+    return Option(Decision.QUANTIZED, 1, nbytes, 0.0, detail="1 bit per element (lossless)", kind="bits")
 
 
 # NOTE: half precision halves a float32 tensor with a relative rounding of 2**-11, where 8-bit codes round to 1/255 of
@@ -308,7 +317,7 @@ def quantized_options(f: StorageFacts, bits: int, config: MesaConfig, share: flo
     Softmax probabilities take square-root companded codes instead where those apply (:func:`sqrt_option`): at the
     same bytes they measured 5-3000x less gradient error than any uniform layout (see ``fused.sqrt_quantize_math``).
     """
-    if f.role is Role.BOOL_MASK:
+    if f.role is Role.BOOL_MASK or f.two_values is not None:
         o = mask_option(f)
         return [o] if o is not None else []
     o = sqrt_option(f, bits, config, share)
@@ -495,7 +504,7 @@ def plan_graph(
             # wider codes where it matters.
             floor = role_bits(f.role, config.bits) if budget_bytes is None else 2
             widths = (8, 4, 2) if budget_bytes is not None else tuple(b for b in (8, 4, 2) if floor and b >= floor)
-            for b in widths if f.role is not Role.BOOL_MASK else (1,):
+            for b in widths if f.role is not Role.BOOL_MASK and f.two_values is None else (1,):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
             half = half_option(f, config, share)
             if half is not None:

@@ -170,6 +170,31 @@ class _Rewriter:
                 node.name = _unique(f"{root.name}_actpass_sqrt_{s}", graph, self.bw.graph)
                 names.append(node.name)
             vals = tuple(n.meta["val"] for n in outs_new)
+        elif first.code == "select":  # two values by construction: 1 bit per element says which
+            # NOTE: the two values are read from the tensor (its max and min), not from the graph's constants: the
+            # compiled forward may round a constant differently from eager (HF-style finfo(float32).min cast to
+            # bfloat16: -inf in eager, finite under Inductor, so x == the eager value matched nothing and backward
+            # saw no mask at all; tests/test_backend.py::test_additive_attention_mask_is_stored_as_one_bit).
+            with mode:
+                hi_v, lo_v = aten.amax.default(x.meta["val"]), aten.amin.default(x.meta["val"])
+                is_hi = aten.eq.Tensor(x.meta["val"], hi_v)
+                vals = (torch.ops.actpass.pack_mask.default(is_hi), hi_v, lo_v)
+            with graph.inserting_after(anchor):
+                hi = graph.call_function(aten.amax.default, (x,))
+            with graph.inserting_after(hi):
+                lo = graph.call_function(aten.amin.default, (x,))
+            with graph.inserting_after(lo):
+                eq = graph.call_function(aten.eq.Tensor, (x, hi))
+            with graph.inserting_after(eq):
+                qnode = graph.call_function(torch.ops.actpass.pack_mask.default, (eq,))
+            for node, v in zip((hi, lo, eq), (hi_v, lo_v, is_hi), strict=True):
+                node.meta["val"] = v
+            qnode.meta["val"] = vals[0]
+            outs_new = [qnode, hi, lo]
+            names = []
+            for node, suffix in zip(outs_new, ("bits", "hi", "lo"), strict=True):
+                node.name = _unique(f"{root.name}_actpass_{suffix}", graph, self.bw.graph)
+                names.append(node.name)
         elif first.bits == 1:  # a bool mask: one packed tensor
             with mode:
                 vals = (torch.ops.actpass.pack_mask.default(x.meta["val"]),)
@@ -216,6 +241,13 @@ class _Rewriter:
             elif first.code == "sqrt":
                 q, scale, lo = new_ph
                 deq = _fused.emit_sqrt_dequantize(graph, q, scale, lo, first.bits, int(xval.shape[-1]), rval.dtype, at)
+            elif first.code == "select":
+                shape = [self.syms.emit(d, d) for d in xval.shape]
+                is_hi = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
+                deq = graph.call_function(aten.where.self, (is_hi, new_ph[1], new_ph[2]))
+                with mode:
+                    is_hi.meta["val"] = torch.empty(xval.shape, dtype=torch.bool, device=rval.device)
+                    deq.meta["val"] = torch.empty(xval.shape, dtype=rval.dtype, device=rval.device)
             elif first.bits == 1:
                 shape = [self.syms.emit(d, d) for d in xval.shape]
                 deq = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))

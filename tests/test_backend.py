@@ -449,27 +449,69 @@ def test_graph_inputs_are_named_and_pass_time_is_recorded():
     assert timing.graph_id == 0 and 0 < timing.analysis_seconds < 30 and 0 < timing.rewrite_seconds < 30
 
 
-@pytest.mark.parametrize("fill", [float("-inf"), "finfo.min"])
-def test_additive_attention_mask_is_kept_exact(fill):
-    """Regression: HF Llama (sdpa) passes a float causal mask of 0 / -inf (or finfo.min); quantizing it gave NaN."""
+class _Masked(nn.Module):
+    """sdpa with an additive causal mask built the way HF models build it: ``mode`` "where" (where(keep, 0, fill)),
+    "masked_fill" (zeros.masked_fill(~keep, fill)) or "biased" (that mask plus a fixed per-position bias, as ALiBi
+    adds: not two values any more)."""
 
-    class Masked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(64, 192)
+    def __init__(self, fill, mode):
+        super().__init__()
+        self.qkv = nn.Linear(64, 192)
+        self.fill, self.mode = fill, mode
+        self.register_buffer("bias", torch.randn(32, 32) if mode == "biased" else None)
 
-        def forward(self, x):
-            b, n, _ = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, 4, 16).permute(2, 0, 3, 1, 4)
-            keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-            value = torch.finfo(x.dtype).min if fill == "finfo.min" else fill
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        value = torch.finfo(x.dtype).min if self.fill == "finfo.min" else self.fill
+        if self.mode == "where":
+            mask = torch.where(keep, 0.0, value).expand(b, 1, n, n).contiguous()
+        else:
             mask = torch.zeros(b, 1, n, n, device=x.device).masked_fill(~keep, value)
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.bias is not None:
+            mask = mask + self.bias
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
+
+@pytest.mark.parametrize(
+    "mode,fill,bf16",
+    [
+        ("where", float("-inf"), False),
+        ("where", "finfo.min", False),
+        ("masked_fill", float("-inf"), False),
+        ("masked_fill", "finfo.min", False),
+        ("where", float("-inf"), True),
+        ("masked_fill", "finfo.min", True),
+    ],
+)
+def test_additive_attention_mask_is_stored_as_one_bit(mode, fill, bf16, no_plan_cache):
+    """HF Llama (sdpa) passes a float causal mask of 0 / -inf (or finfo.min): codes cannot hold it (they gave NaN).
+    Built as where(keep, 0, fill) or zeros.masked_fill(~keep, fill) it holds those two values only: 1 bit per element
+    says which, losslessly, so mesa's gradients are inductor's with nothing else coded."""
     torch.manual_seed(0)
-    model = Masked()
+    x = torch.randn(4, 32, 64)
+    model, ref = _Masked(fill, mode), _Masked(fill, mode)
+    ref.load_state_dict(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss_ref = torch.compile(ref, backend="inductor")(x).float().square().mean()
+        be = actpass.mesa(min_bytes=0, include_ops=("where*", "masked_fill*", "clone*", "*convert*", "_to_copy*"))
+        loss = torch.compile(model, backend=be)(x).float().square().mean()
+    loss_ref.backward()
+    loss.backward()
+    for (name, p), r in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.grad, r.grad), name
+    (mask,) = [t for t in be.plans[0].tensors if t.role.value == "mask"]
+    assert mask.quantized and mask.bits == 1 and mask.code == "select", mask
+    assert mask.bytes_after == mask.bytes_before // (8 * (2 if bf16 else 4)) + 8  # 1 bit per element, max and min
+    assert mask.detail.startswith("two values (built from ") and "1 bit per element (lossless)" in mask.detail
+
+
+def test_a_mask_with_more_than_two_values_is_kept_exact():
+    """The same mask plus a learned bias holds more than two values, and -inf: kept exact, with the reason."""
+    torch.manual_seed(0)
     be = actpass.mesa(inner="eager", min_bytes=0)
-    *_, g, g_ref = compare(model, torch.randn(4, 32, 64), be)
+    *_, g, g_ref = compare(_Masked(float("-inf"), "biased"), torch.randn(4, 32, 64), be)
     assert all(torch.isfinite(v).all() for v in g.values())
     assert rel_err(g, g_ref) < 0.01
     masks = [t for t in be.plans[0].tensors if "attention mask" in t.detail]
