@@ -30,6 +30,13 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
+def _planned(prog: fuzzgen.Program, setup: fuzz.Setup, steps: int) -> list:
+    """Every plan record of ``prog`` trained ``steps`` steps with a fresh mesa backend of ``setup``'s config."""
+    be = MesaBackend(setup.config(), store=RunningStats())
+    fuzz._train(prog, fuzzgen.source(prog), be, steps)
+    return [t for p in be.plans for t in p.tensors]
+
+
 def _attn(mask: str, qkv: str = "separate") -> dict:
     return {
         "kind": "attn", "norm": "none", "heads": 1, "kv_heads": 1, "head_dim": 8, "qkv": qkv,
@@ -82,11 +89,10 @@ def test_fuzz_regression(name: str) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_masked_log_softmax_kept_exact_with_reason(name: str) -> None:
     prog = CASES[name]
-    be = MesaBackend(fuzz.Setup(inner="eager").config(), store=RunningStats())
-    fuzz._train(prog, fuzzgen.source(prog), be, 1)
-    kept = [t for p in be.plans for t in p.tensors if "additive mask" in t.detail]
+    tensors = _planned(prog, fuzz.Setup(inner="eager"), 1)
+    kept = [t for t in tensors if "additive mask" in t.detail]
     assert kept and all(t.reason is Reason.MASK and not t.quantized for t in kept)
-    assert any(t.quantized for p in be.plans for t in p.tensors), "the rest of the graph is still quantized"
+    assert any(t.quantized for t in tensors), "the rest of the graph is still quantized"
 
 
 # LayerNorm over a handful of elements: its input gradient is what is left of the upstream gradient after the mean and
@@ -149,9 +155,8 @@ def test_short_normalization_inputs_kept_exact(name: str) -> None:
     out = fuzz.check(prog, setup)
     assert out.kind is None, f"{name}: {out.kind}: {out.detail}"
     assert out.errs["tight"] == 0.0
-    be = MesaBackend(setup.config(), store=RunningStats())
-    fuzz._train(prog, fuzzgen.source(prog), be, fuzz.steps_of(prog, setup))
-    kept = [t for p in be.plans for t in p.tensors if f"normalization over only {_WIDTH[name]} elements" in t.detail]
+    tensors = _planned(prog, setup, fuzz.steps_of(prog, setup))
+    kept = [t for t in tensors if f"normalization over only {_WIDTH[name]} elements" in t.detail]
     assert kept and all(t.reason is Reason.SENSITIVE and not t.quantized for t in kept)
 
 
@@ -190,11 +195,10 @@ def test_log_probabilities_keep_per_step_statistics_when_running() -> None:
     out = fuzz.check(RUNNING_LOG_PROBS, setup)
     assert out.kind is None, f"{out.kind}: {out.detail}"
     assert out.errs["tight"] == 0.0
-    be = MesaBackend(setup.config(), store=RunningStats())
-    fuzz._train(RUNNING_LOG_PROBS, fuzzgen.source(RUNNING_LOG_PROBS), be, 1)
-    logp = [t for p in be.plans for t in p.tensors if t.role.value == "log-probs" and t.quantized]
+    tensors = _planned(RUNNING_LOG_PROBS, setup, 1)
+    logp = [t for t in tensors if t.role.value == "log-probs" and t.quantized]
     assert logp and all(t.stats_key == "" and t.layout.value == "per-row" for t in logp)
-    assert any(t.stats_key for p in be.plans for t in p.tensors), "the rest keeps running statistics"
+    assert any(t.stats_key for t in tensors), "the rest keeps running statistics"
 
 
 # Seed 4023 (dynamic sequence length, a strided slice x[:, ::2]): a storage whose saved view has the symbolic size
@@ -223,9 +227,8 @@ def test_short_normalization_reason_is_the_same_in_every_compile() -> None:
     for _ in range(3):
         out = fuzz.check(prog, setup)
         assert out.kind is None, f"{out.kind}: {out.detail}"
-    be = MesaBackend(setup.config(), store=RunningStats())
-    fuzz._train(prog, fuzzgen.source(prog), be, fuzz.steps_of(prog, setup))
-    (gate,) = [t for p in be.plans for t in p.tensors if t.tensor_id == "b2_g:add#0"]
+    tensors = _planned(prog, setup, fuzz.steps_of(prog, setup))
+    (gate,) = [t for t in tensors if t.tensor_id == "b2_g:add#0"]
     assert "normalization over only 16 elements" in gate.detail and not gate.quantized
 
 
@@ -273,11 +276,10 @@ def test_what_the_loss_reads_keeps_per_step_statistics_when_running(prog) -> Non
     out = fuzz.check(prog, setup)
     assert out.kind is None, f"{out.kind}: {out.detail}"
     assert out.errs["tight"] == 0.0
-    be = MesaBackend(setup.config(), store=RunningStats())
-    fuzz._train(prog, fuzzgen.source(prog), be, 1)
-    read = [t for p in be.plans for t in p.tensors if "the loss gradient reads it" in t.detail]
+    tensors = _planned(prog, setup, 1)
+    read = [t for t in tensors if "the loss gradient reads it" in t.detail]
     assert read and all(t.quantized and t.stats_key == "" for t in read), read
-    assert any(t.stats_key for p in be.plans for t in p.tensors), "the rest keeps running statistics"
+    assert any(t.stats_key for t in tensors), "the rest keeps running statistics"
 
 
 # Seed 20079 (bits=4, Inductor): a tied-embedding head's logits, saved for the decomposed log_softmax's backward, got
@@ -320,9 +322,8 @@ def test_normalization_inputs_keep_per_step_statistics_when_running() -> None:
     out = fuzz.check(RUNNING_NORM_INPUT, setup)
     assert out.kind is None, f"{out.kind}: {out.detail}"
     assert out.errs["mesa_exact"] < 0.3, out.errs
-    be = MesaBackend(setup.config(), store=RunningStats())
-    fuzz._train(RUNNING_NORM_INPUT, fuzzgen.source(RUNNING_NORM_INPUT), be, 1)
-    norm_in = [t for p in be.plans for t in p.tensors if t.role.value == "norm-in" and t.quantized]
+    tensors = _planned(RUNNING_NORM_INPUT, setup, 1)
+    norm_in = [t for t in tensors if t.role.value == "norm-in" and t.quantized]
     assert norm_in and all(t.stats_key == "" and "a normalization input" in t.detail for t in norm_in), norm_in
 
 
@@ -345,11 +346,10 @@ def test_rank_one_batchnorm_input_stays_exact(precision: str) -> None:
     setup = fuzz.Setup(inner="eager")
     out = fuzz.check(prog, setup)
     assert out.kind is None, f"{out.kind}: {out.detail}"
-    be = MesaBackend(setup.config(), store=RunningStats())
-    fuzz._train(prog, fuzzgen.source(prog), be, fuzz.steps_of(prog, setup))
-    kept = [t for p in be.plans for t in p.tensors if "rank one" in t.detail]
+    tensors = _planned(prog, setup, fuzz.steps_of(prog, setup))
+    kept = [t for t in tensors if "rank one" in t.detail]
     assert kept and all(t.reason is Reason.SENSITIVE and not t.quantized for t in kept)
-    assert any(t.quantized for p in be.plans for t in p.tensors), "the rest of the graph is still quantized"
+    assert any(t.quantized for t in tensors), "the rest of the graph is still quantized"
 
 
 # Seed 11850 (8-bit, bf16, dynamic sequence), NOT FIXED: Linear(1, 24) stem (rank one) -> gated MLPs -> RMSNorm ->
