@@ -387,7 +387,8 @@ _CAST_OPS = {aten._to_copy.default, aten.clone.default, aten.copy.default, *_COP
 
 _WHERE_OPS = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
 _FILL_OPS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
-_VALUE_CASTS = {aten._to_copy.default, aten.clone.default, torch.ops.prims.convert_element_type.default}
+# copy.default's first argument is the destination, whose values it overwrites: not a source of the values
+_VALUE_CASTS = _COPY_OPS - {aten.copy.default}
 
 
 def _constant(a) -> float | None:
@@ -411,12 +412,7 @@ def two_values(root: fx.Node) -> tuple[float, float] | None:
     ``where(cond, a, b)`` or ``full(b).masked_fill(cond, a)``, e.g. an additive causal mask ``where(allowed, 0.0,
     -inf)``. 1 bit per element (``x == a``) stores it losslessly. None otherwise."""
     val = _tensor_val(root)
-    while (
-        root.op == "call_function"
-        and (root.target in _VALUE_CASTS or is_view_node(root))
-        and isinstance(root.args[0], fx.Node)
-    ):
-        root = root.args[0]  # a cast, copy or view of a two-valued tensor holds the two values (cast)
+    root = _through_views(root, _VALUE_CASTS)  # a cast, copy or view of a two-valued tensor holds the two values
     if root.op != "call_function" or len(root.args) != 3:
         return None
     if root.target in _WHERE_OPS:
@@ -589,10 +585,10 @@ def _cone(root: fx.Node, limit: int = 8) -> tuple[list[fx.Node], list[fx.Node]]:
     return inner, leaves
 
 
-def _through_views(node: fx.Node) -> fx.Node:
-    """Up the view/copy chain to the first node that is neither."""
+def _through_views(node: fx.Node, copies=_COPY_OPS) -> fx.Node:
+    """Up the view/copy chain (views and ``copies``) to the first node that is neither."""
     cur = node
-    while cur.op == "call_function" and (is_view_node(cur) or cur.target in _COPY_OPS):
+    while cur.op == "call_function" and (is_view_node(cur) or cur.target in copies):
         ins = _input_nodes(cur)
         if not ins:
             break
@@ -716,18 +712,11 @@ _PRODUCTS = {aten.mm.default: 0, aten.bmm.default: 0, aten.addmm.default: 1, ate
 def _outer_product(root: fx.Node) -> bool:
     """Whether ``root`` is (a view or cast of) a matrix product over a single element: ``[N, 1] @ [1, C]``, rank one
     (a ``Linear(1, C)``), plus at most a per-column bias."""
-    n = root
-    for _ in range(4):
-        if n.op != "call_function":
-            return False
-        if n.target in _PRODUCTS:
-            a = _tensor_val(n.args[_PRODUCTS[n.target]])
-            out = _tensor_val(n)
-            return a is not None and out is not None and hint(a.shape[-1]) == 1 and hint(out.shape[-1]) > 1
-        if not (is_view_node(n) or n.target in _COPY_OPS) or not n.args or not isinstance(n.args[0], fx.Node):
-            return False
-        n = n.args[0]
-    return False
+    n = _through_views(root)
+    if n.op != "call_function" or n.target not in _PRODUCTS:
+        return False
+    a, out = _tensor_val(n.args[_PRODUCTS[n.target]]), _tensor_val(n)
+    return a is not None and out is not None and hint(a.shape[-1]) == 1 and hint(out.shape[-1]) > 1
 
 
 def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
@@ -998,7 +987,7 @@ def gather_facts(
         # An additive mask made by where(cond, 0, -inf) holds two values: stored as 1 bit per element, losslessly,
         # instead of exactly (HF Llama's causal mask [8, 1, 128, 128]: 17% of its bytes at bits=4).
         pair = two_values(root) if fixed is None or fixed[0] is Reason.MASK else None
-        if pair is not None and not (is_dense(val) and all(isinstance(d, int) for d in val.shape)):
+        if pair is not None and not all(isinstance(d, int) for d in val.shape):  # (dense: _fixed checked it)
             pair = None
         if pair is not None:
             fixed = None

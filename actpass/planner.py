@@ -176,7 +176,7 @@ def quantized_option(
         kind: a layout other than the role's ("head", "row", "channel", "conv"), for measurements.
         row_block: rows per group for per-row layouts, instead of the planner's choice.
     """
-    if f.role is Role.BOOL_MASK or f.two_values is not None:
+    if _one_bit(f):
         return None  # bool and two-valued tensors have one option: mask_option (1 bit per element)
     running = config.stats is Stats.RUNNING and not per_step(f)
     ms = list(f.mshape)
@@ -256,6 +256,11 @@ def quantized_option(
     return Option(Decision.QUANTIZED, bits, nbytes, err, layout, gend, groups, chunk, row_block, detail, kind)
 
 
+def _one_bit(f: StorageFacts) -> bool:
+    """Whether ``f`` is stored as 1 bit per element (:func:`mask_option`): a bool tensor or a two-valued one."""
+    return f.role is Role.BOOL_MASK or f.two_values is not None
+
+
 def mask_option(f: StorageFacts) -> Option | None:
     """A bool tensor as 1 bit per element (lossless): the only option worth having for it. So is a tensor that holds
     two values by construction (``where(cond, a, b)`` between constants, ``StorageFacts.two_values``): one bit says
@@ -317,7 +322,7 @@ def quantized_options(f: StorageFacts, bits: int, config: MesaConfig, share: flo
     Softmax probabilities take square-root companded codes instead where those apply (:func:`sqrt_option`): at the
     same bytes they measured 5-3000x less gradient error than any uniform layout (see ``fused.sqrt_quantize_math``).
     """
-    if f.role is Role.BOOL_MASK or f.two_values is not None:
+    if _one_bit(f):
         o = mask_option(f)
         return [o] if o is not None else []
     o = sqrt_option(f, bits, config, share)
@@ -504,7 +509,7 @@ def plan_graph(
             # wider codes where it matters.
             floor = role_bits(f.role, config.bits) if budget_bytes is None else 2
             widths = (8, 4, 2) if budget_bytes is not None else tuple(b for b in (8, 4, 2) if floor and b >= floor)
-            for b in widths if f.role is not Role.BOOL_MASK and f.two_values is None else (1,):
+            for b in widths if not _one_bit(f) else (1,):
                 opts += [o for o in quantized_options(f, b, config, share) if o.bytes < f.nbytes]
             half = half_option(f, config, share)
             if half is not None:
