@@ -723,17 +723,18 @@ _POOL_OPS = {aten.mean.dim, aten.sum.dim_IntList}
 
 
 def _pooled(root: fx.Node) -> bool:
-    """Whether ``root`` is (a view or cast of) a mean or sum over tokens: a reduction of a tensor of 3 or more dims
-    that keeps its last (feature) dim, as in ``hidden.mean(1)`` before a classifier head."""
+    """Whether ``root`` is (a view or cast of) a pooling: a mean or sum that leaves one row of features per sample,
+    over the tokens of ``[B, N, C]`` (``hidden.mean(1)``) or the pixels of an NCHW ``[B, C, H, W]``. Not a sum over
+    a stacking dim (dim 0), nor one that leaves other dims (a manual attention's sum over keys)."""
     n = _through_views(root)
     if n.op != "call_function" or n.target not in _POOL_OPS or len(n.args) < 2 or n.args[1] is None:
         return False
     src = _tensor_val(n.args[0])
     if src is None or src.dim() < 3:
         return False
-    dims = [n.args[1]] if isinstance(n.args[1], int) else list(n.args[1])
-    dims = [d % src.dim() for d in dims]
-    return bool(dims) and src.dim() - 1 not in dims
+    dims = {d % src.dim() for d in ([n.args[1]] if isinstance(n.args[1], int) else n.args[1])}
+    left = [d for d in range(src.dim()) if d not in dims]
+    return left == [0, src.dim() - 1] or (src.dim() == 4 and left == [0, 1])
 
 
 def _classify_by_use(root: fx.Node, members: list[fx.Node]) -> Role:
@@ -1048,7 +1049,7 @@ def gather_facts(
             # error, exact 0.99%. A pooled tensor is 1/seq of the activations it summarizes: exact costs little.
             fixed = (
                 Reason.SENSITIVE,
-                "pooled over tokens (a mean/sum that keeps the features): one row per sample, so its rounding is not "
+                "pooled (a mean/sum over tokens or pixels, one row of features per sample): its rounding is not "
                 "averaged over tokens in the weight gradient it feeds; small next to what it pools",
             )
         if fixed is not None and fixed[0] is Reason.MASK:

@@ -518,6 +518,44 @@ def test_a_mask_with_more_than_two_values_is_kept_exact():
     assert masks and all(not t.quantized and t.reason is Reason.MASK for t in masks)
 
 
+class _Pool(nn.Module):
+    """A reduction feeding a linear layer: ``tokens`` (mean over dim 1 of [B, N, C]), ``pixels`` (mean over H, W of
+    NCHW), ``stack`` (sum over a stacking dim 0) or ``keys`` (a manual attention's sum over keys)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.inp, self.out = kind, nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))  # [B, N, C]
+        if self.kind == "tokens":
+            p = h.mean(1)
+        elif self.kind == "pixels":
+            p = h.transpose(1, 2).reshape(h.shape[0], 16, 4, -1).mean((2, 3))
+        elif self.kind == "stack":
+            p = torch.stack([h, h * h]).sum(0)
+        else:  # [B, Q, K, 1] * [B, 1, K, C] summed over K: [B, Q, C]
+            w = torch.softmax(h @ h.transpose(1, 2), -1)
+            p = (w.unsqueeze(-1) * h.unsqueeze(1)).sum(2)
+        return self.out(p).pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", ["tokens", "pixels", "stack", "keys"])
+def test_pooled_tensors_stay_exact_and_other_reductions_do_not(kind):
+    """A pooled head input (one row per sample) stays exact, Reason.SENSITIVE (fuzz seed 11850); a sum over a stack
+    or over attention keys is an ordinary activation and is quantized."""
+    torch.manual_seed(0)
+    be = actpass.mesa(inner="eager", min_bytes=0)
+    *_, g, g_ref = compare(_Pool(kind), torch.randn(4, 32, 16), be)
+    assert rel_err(g, g_ref) < 0.02
+    reduced = [t for t in be.plans[0].tensors if ":mean#" in t.tensor_id or ":sum#" in t.tensor_id]
+    assert reduced, [t.tensor_id for t in be.plans[0].tensors]
+    pooled = kind in ("tokens", "pixels")
+    for t in reduced:
+        assert ("pooled (a mean/sum" in t.detail) is pooled, t.detail
+        assert t.quantized is not pooled and (t.reason is Reason.SENSITIVE) is pooled
+
+
 @pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested regions")
 def test_nested_compile_region_trains_correctly():
     """invoke_subgraph regions: bodies are partitioned too (with joint_inputs=[]); gradients must stay right."""
