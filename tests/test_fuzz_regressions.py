@@ -349,7 +349,8 @@ def test_rank_one_batchnorm_input_stays_exact(precision: str) -> None:
     tensors = _planned(prog, setup, fuzz.steps_of(prog, setup))
     kept = [t for t in tensors if "rank one" in t.detail]
     assert kept and all(t.reason is Reason.SENSITIVE and not t.quantized for t in kept)
-    assert any(t.quantized for t in tensors), "the rest of the graph is still quantized"
+    # only the product itself: the BatchNorm output after it and the pooled head input keep their own reasons
+    assert all(":addmm#" in t.tensor_id for t in kept), [t.tensor_id for t in kept]
 
 
 # Seed 11850 (8-bit, bf16, dynamic sequence): Linear(1, 24) stem (rank one) -> gated MLPs -> RMSNorm -> mean over
