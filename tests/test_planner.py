@@ -227,6 +227,32 @@ def test_solver_matches_brute_force_on_convex_items():
         assert got <= opt + worst_step + 1e-12
 
 
+def test_check_budget_exact_solver_matches_brute_force():
+    """tools/check_budget.py's exact knapsack (the yardstick for the planner's fills) against brute force, with
+    non-convex items too; its bytes are rounded up to the quantum, so it never overspends."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import check_budget
+
+    for trial in range(20):
+        g = torch.Generator().manual_seed(100 + trial)
+        cands = {}
+        for i in range(4):
+            sizes, errs = torch.randint(1, 400, (3,), generator=g), torch.rand(3, generator=g)
+            cands[f"t{i}"] = [_opt(int(b), float(e)) for b, e in zip(sizes, errs, strict=True)]
+        budget = int(torch.randint(4, 1200, (1,), generator=g))
+        want = _brute(cands, budget)
+        got = check_budget.exact_min_error(cands, budget, quantum=1)
+        assert got == pytest.approx(want) if math.isfinite(want) else got == math.inf
+        # a coarser quantum can only be more careful: never below the exact optimum
+        assert check_budget.exact_min_error(cands, budget, quantum=16) >= want - 1e-12
+    chosen = {"a": _opt(100, 0.5), "b": _opt(100, 0.3)}
+    cands = {"a": [_opt(100, 0.5), _opt(300, 0.1)], "b": [_opt(50, 0.9), _opt(100, 0.3), _opt(250, 0.0)]}
+    assert check_budget.cheapest_improvement(cands, chosen) == 150  # b at 250 B: +150, cheaper than a's +200
+
+
 def test_solver_fills_the_budget_with_options_off_the_hull():
     """What the hull greedy leaves under the budget goes to options between hull points (issue 8: fill >= 98%)."""
     cands = {
