@@ -241,17 +241,14 @@ class _Rewriter:
             elif first.code == "sqrt":
                 q, scale, lo = new_ph
                 deq = _fused.emit_sqrt_dequantize(graph, q, scale, lo, first.bits, int(xval.shape[-1]), rval.dtype, at)
-            elif first.code == "select":
+            elif first.bits == 1:  # a bool mask, or for code "select" which of its two values (max, min) it holds
                 shape = [self.syms.emit(d, d) for d in xval.shape]
-                is_hi = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
-                deq = graph.call_function(aten.where.self, (is_hi, new_ph[1], new_ph[2]))
+                bits = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
+                deq = bits
+                if first.code == "select":
+                    deq = graph.call_function(aten.where.self, (bits, new_ph[1], new_ph[2]))
                 with mode:
-                    is_hi.meta["val"] = torch.empty(xval.shape, dtype=torch.bool, device=rval.device)
-                    deq.meta["val"] = torch.empty(xval.shape, dtype=rval.dtype, device=rval.device)
-            elif first.bits == 1:
-                shape = [self.syms.emit(d, d) for d in xval.shape]
-                deq = graph.call_function(torch.ops.actpass.unpack_mask.default, (new_ph[0], shape))
-                with mode:
+                    bits.meta["val"] = torch.empty(xval.shape, dtype=torch.bool, device=rval.device)
                     deq.meta["val"] = torch.empty(xval.shape, dtype=rval.dtype, device=rval.device)
             else:
                 last = xval.shape[-1]
