@@ -53,12 +53,13 @@ def cheapest_improvement(candidates: dict[str, list[planner.Option]], chosen: di
 
 
 def check(task: str, fraction: float, quantum: int) -> list[dict]:
-    captured: list[tuple[dict, int]] = []
+    captured: list[tuple[dict, int, dict]] = []  # per graph: the candidates, its budget, the planner's choice
     solve = planner.solve_budget
 
     def spy(candidates, budget):
-        captured.append((candidates, budget))
-        return solve(candidates, budget)
+        chosen, reachable = solve(candidates, budget)
+        captured.append((candidates, budget, chosen))
+        return chosen, reachable
 
     planner.solve_budget = spy
     try:
@@ -68,8 +69,7 @@ def check(task: str, fraction: float, quantum: int) -> list[dict]:
     finally:
         planner.solve_budget = solve
     rows = []
-    for i, (candidates, budget) in enumerate(captured):
-        chosen, _ = solve(candidates, budget)
+    for i, (candidates, budget, chosen) in enumerate(captured):
         used = sum(o.bytes for o in chosen.values())
         greedy = math.sqrt(sum(o.err**2 for o in chosen.values()))
         exact = math.sqrt(exact_min_error(candidates, budget, quantum))
