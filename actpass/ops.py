@@ -5,6 +5,10 @@
 * ``actpass::dequantize(q, scale, lo, bits, gend, last_dim, dtype) -> Tensor``: contiguous, exact shape.
 * ``actpass::pack_mask(x) -> q`` / ``actpass::unpack_mask(q, shape) -> x``: bool tensors (dropout and attention
   masks) stored as 1 bit per element, losslessly.
+* ``actpass::copy(x) -> Tensor``: a contiguous copy that Inductor cannot elide. The leading rows of a split storage
+  (``plan.Part``) are saved as a copy of a slice; Inductor drops an ``aten.clone`` whose result has the slice's own
+  strides (``remove_noop_ops``), and the saved slice then kept the whole storage alive (HF Llama, budget 25%: 9.7%
+  over the budget, measured with saved-tensor hooks).
 * ``actpass::quantize_saved(x, bits, gend, groups, stochastic, key, decay) -> (q, scale, lo)``: the op the pass
   inserts into forward graphs. ``key`` names a running-statistics entry in a :class:`actpass.state.RunningStats`
   store (empty: per-step statistics). Holding the key instead of the buffer keeps the state out of the graph's
@@ -36,6 +40,7 @@ _LIB.define(
 )
 _LIB.define("pack_mask(Tensor x) -> Tensor")
 _LIB.define("unpack_mask(Tensor q, SymInt[] shape) -> Tensor")
+_LIB.define("copy(Tensor x) -> Tensor")
 
 
 def _quantize_ref(x, bits, gend, groups, stochastic, running, decay):
@@ -90,6 +95,12 @@ def _unpack_mask_fake(q, shape):
     return q.new_empty(shape, dtype=torch.bool)
 
 
+def _copy(x):
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+_LIB.impl("copy", _copy, "CompositeExplicitAutograd")
+torch.library.register_fake("actpass::copy", _copy, lib=_LIB)
 torch.library.register_fake("actpass::pack_mask", _pack_mask_fake, lib=_LIB)
 torch.library.register_fake("actpass::unpack_mask", _unpack_mask_fake, lib=_LIB)
 torch.library.register_fake("actpass::quantize", _quantize_fake, lib=_LIB)

@@ -207,6 +207,10 @@ def simulate_plan(
             continue  # a bool mask packed to bits: lossless, backward must see the mask itself
         if first.bits not in (2, 4, 8, 16):
             raise OracleError(f"oracle cannot simulate {first.bits}-bit storage of {first.name}")
+        anchor = last_input[0] if root.op == "placeholder" and last_input else root
+        if first.split is not None:
+            subst[root] = _split_hat(fw, root, first, anchor, stochastic, config.decay)
+            continue
         if first.code == "sqrt":
             op, args = torch.ops.actpass.fake_quantize_sqrt.default, (root, first.bits)
         else:
@@ -225,7 +229,6 @@ def simulate_plan(
             )
         # Where mesa's quantize_saved goes: right after the root (after the last graph input for a handed-over
         # activation), so random ops (dropout, stochastic rounding) draw from the default generator in the same order.
-        anchor = last_input[0] if root.op == "placeholder" and last_input else root
         with fw.graph.inserting_after(anchor):
             hat = fw.graph.call_function(op, args)
         hat.meta["val"] = torch.empty_like(root.meta["val"])  # the fakes of both ops: x's shape, dtype and strides
@@ -264,6 +267,50 @@ def simulate_plan(
     fw_out.args = (tuple(new_outs),)
     fw.graph.lint()
     fw.recompile()
+
+
+def _split_hat(fw: fx.GraphModule, root: fx.Node, t: SavedTensor, anchor: fx.Node, stochastic: bool, decay: float):
+    """A split storage (``t.split``) as backward rebuilds it: memory order, the leading rows as the split says (exact
+    or fake-quantized), the rest as the record says, concatenated and permuted back; inserted after ``anchor``."""
+    split = t.split
+    assert split is not None
+    g = fw.graph
+    rval = root.meta["val"]
+    nodes: list[fx.Node] = []
+
+    def add(target, args) -> fx.Node:
+        with g.inserting_after(nodes[-1] if nodes else anchor):
+            node = g.call_function(target, args)
+        vals = [
+            [v.meta["val"] for v in a] if isinstance(a, list) else a.meta["val"] if isinstance(a, fx.Node) else a
+            for a in args
+        ]
+        with rval.fake_mode:
+            node.meta["val"] = target(*vals)
+        nodes.append(node)
+        return node
+
+    x = add(aten.permute.default, (root, list(t.perm))) if t.perm else root
+    xval = rval.permute(t.perm) if t.perm else rval
+    n = int(xval.shape[0])
+    pieces = []
+    for bits, gend, groups, chunk, row_block, start, end in (
+        (split.bits, split.gend, split.groups, split.chunk, split.row_block, 0, split.rows),
+        (t.bits, t.gend, t.groups, t.chunk, t.row_block, split.rows, n),
+    ):
+        xs = add(aten.slice.Tensor, (x, 0, start, end))
+        if bits is None:
+            pieces.append(xs)
+            continue
+        args = (xs, bits, gend if gend is not None else 0, groups if groups is not None else -1, None, chunk)
+        pieces.append(add(torch.ops.actpass.fake_quantize.default, (*args, row_block, stochastic, "", decay)))
+    hat = add(aten.cat.default, (pieces, 0))
+    if t.perm:
+        inv = [0] * len(t.perm)
+        for j, p in enumerate(t.perm):
+            inv[p] = j
+        hat = add(aten.permute.default, (hat, inv))
+    return hat
 
 
 def _replay_views(fw: fx.GraphModule, node: fx.Node, hat: fx.Node, fw_out: fx.Node) -> fx.Node:

@@ -72,6 +72,23 @@ class Reason(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """The leading rows of a storage stored another way than the rest (a budget fill, ``planner.split_option``).
+
+    Rows ``[0, rows)`` of the storage's memory-order dim 0 are stored as this says; the rows after them as the
+    :class:`SavedTensor` record itself says. Each part has its own statistics; backward concatenates the two.
+    """
+
+    rows: int
+    bits: int | None  # code width, or None: the rows are stored exactly (a copy of them)
+    gend: int | None = None
+    groups: int | None = None
+    chunk: int = 1
+    row_block: int = 1
+    layout: Layout = Layout.OTHER
+
+
+@dataclasses.dataclass(frozen=True)
 class SavedTensor:
     """One tensor the forward graph saves for backward."""
 
@@ -104,6 +121,7 @@ class SavedTensor:
     input_name: str = ""  # graph inputs: the parameter, buffer or model input it is, e.g. "blocks.0.fc1.weight"
     code: str = "uniform"  # "uniform": codes of x; "sqrt": per-row codes of sqrt(x - row min) (fused.sqrt_*_math);
     # "select": 1 bit per element of a tensor that holds two values a, b (where(cond, a, b)): x == a
+    split: Part | None = None  # the leading rows stored another way (exact or wider codes); None: one way for all
 
     @property
     def quantized(self) -> bool:
@@ -126,6 +144,8 @@ class SavedTensor:
         d["perm"] = list(self.perm) if self.perm is not None else None
         d["recompute"] = list(self.recompute)
         d["recompute_from"] = list(self.recompute_from)
+        if self.split is not None:
+            d["split"]["layout"] = self.split.layout.value
         return d
 
 

@@ -577,6 +577,9 @@ def short_dtype(dtype: str) -> str:
 
 
 def decision_text(t: SavedTensor) -> str:
+    split = getattr(t, "split", None)
+    if t.quantized and t.bits and split is not None:  # leading rows stored another way: "exact+4-bit", "8+4-bit"
+        return f"{'exact' if split.bits is None else split.bits}+{t.bits}-bit"
     if t.quantized and t.bits:
         return f"{t.bits}-bit sqrt" if getattr(t, "code", "uniform") == "sqrt" else f"{t.bits}-bit"
     value = str(getattr(t.decision, "value", t.decision))

@@ -28,6 +28,7 @@ unique in both graphs (FX would silently rename a clashing placeholder).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 
@@ -268,6 +269,118 @@ class _Rewriter:
             self.bw_value[root.name] = y
             self.replay_members(members, root, y)
 
+    # ---- storages split in two (planner.split_option) -------------------------------------------------------------
+    def quantize_forward_split(self, members: list[SavedTensor]) -> tuple[fx.Node, list[fx.Node], tuple]:
+        """Rows ``[0, k)`` of the memory-order root stored as ``split`` says (a copy, or codes), the rest as the
+        record says; each part with its own statistics."""
+        first = members[0]
+        split = first.split
+        assert split is not None
+        root = storage_root(self.fw_nodes[first.name])
+        rval = root.meta["val"]
+        _fake_mode(rval)
+        graph = self.fw.graph
+        x = anchor = root
+        if root.op == "placeholder":
+            anchor = list(graph.find_nodes(op="placeholder"))[-1]
+        if first.perm:
+            with graph.inserting_after(anchor):
+                x = anchor = graph.call_function(aten.permute.default, (root, list(first.perm)))
+            x.meta["val"] = rval.permute(first.perm)
+        n = int(x.meta["val"].shape[0])
+        if not 0 < split.rows < n:
+            raise RewriteError(f"{first.tensor_id}: split at row {split.rows} of {n}")
+        part_a = dataclasses.replace(
+            first,
+            bits=split.bits,
+            gend=split.gend,
+            groups=split.groups,
+            chunk=split.chunk,
+            row_block=split.row_block,
+            split=None,
+        )
+        part_b = dataclasses.replace(first, split=None)
+        outs_new: list[fx.Node] = []
+        info = []
+        resume: fx.Node | None = None
+        for i, (rec, start, end) in enumerate(((part_a, 0, split.rows), (part_b, split.rows, n))):
+            # Each part's nodes go after the previous part's, so random draws (stochastic rounding) come in the order
+            # the oracle makes them.
+            if resume is not None:
+                anchor = resume.prev
+            resume = anchor.next
+            with graph.inserting_after(anchor):
+                xs = graph.call_function(aten.slice.Tensor, (x, 0, start, end))
+            xs.meta["val"] = x.meta["val"][start:end]
+            if rec.bits is None:  # exact: a copy of these rows (a slice would keep the whole storage alive)
+                with graph.inserting_after(xs):
+                    c = graph.call_function(torch.ops.actpass.copy.default, (xs,))
+                with _fake_mode(rval):
+                    c.meta["val"] = torch.empty_like(xs.meta["val"], memory_format=torch.contiguous_format)
+                c.name = _unique(f"{root.name}_actpass_rows{i}", graph, self.bw.graph)
+                outs_new.append(c)
+                info.append((rec, xs.meta["val"], None, False, 1))
+                continue
+            xq = xs
+            qview = _qview_shape(rec, xs.meta["val"])
+            if qview is not None:
+                with graph.inserting_after(xs):
+                    xq = graph.call_function(aten.view.default, (xs, qview))
+                xq.meta["val"] = xs.meta["val"].view(qview)
+            fused = _emit.use_fused(self.config, xq.meta["val"])
+            names = [_unique(f"{root.name}_actpass_{s}{i}", graph, self.bw.graph) for s in ("q", "s", "lo")]
+            outs = _emit.emit_quantize(graph, xq, rec, self.config, names, fused, after=xq)
+            outs_new.extend(outs)
+            info.append((rec, xs.meta["val"], xq.meta["val"] if qview is not None else None, fused, 3))
+        self.replace_out[first.name] = outs_new
+        for t in members[1:]:
+            self.replace_out[t.name] = []
+        first_ph = self.bw_ph[first.name]
+        new_ph = []
+        for node in outs_new:
+            with self.bw.graph.inserting_before(first_ph):
+                p = self.bw.graph.placeholder(node.name)
+            if p.name != node.name:
+                raise RewriteError(f"placeholder name {node.name} clashed")
+            p.meta["val"] = node.meta["val"]
+            new_ph.append(p)
+            self.syms.add(p)
+        return root, new_ph, tuple(info)
+
+    def dequantize_backward_split(self, members: list[SavedTensor], root: fx.Node, new_ph, info, at: fx.Node) -> None:
+        first = members[0]
+        rval = root.meta["val"]
+        mode = _fake_mode(rval)
+        graph = self.bw.graph
+        pieces: list[fx.Node] = []
+        with graph.inserting_before(at):
+            i = 0
+            for rec, part_val, qval, fused, count in info:
+                phs = new_ph[i : i + count]
+                i += count
+                if rec.bits is None:
+                    pieces.append(phs[0])
+                    continue
+                qv = qval if qval is not None else part_val
+                last = qv.shape[-1]
+                deq = _emit.emit_dequantize(graph, phs, rec, int(last), qv.shape, rval.dtype, fused, at)
+                if qval is not None:
+                    back = graph.call_function(aten.view.default, (deq, list(part_val.shape)))
+                    back.meta["val"] = deq.meta["val"].view(part_val.shape)
+                    deq = back
+                pieces.append(deq)
+            y = graph.call_function(aten.cat.default, (pieces, 0))
+            with mode:
+                y.meta["val"] = aten.cat.default([p.meta["val"] for p in pieces], 0)
+            if first.perm:
+                inv = [0] * len(first.perm)
+                for j, p in enumerate(first.perm):
+                    inv[p] = j
+                y = graph.call_function(aten.permute.default, (y, inv))
+                y.meta["val"] = y.args[0].meta["val"].permute(inv)
+            self.bw_value[root.name] = y
+            self.replay_members(members, root, y)
+
     def replay_members(self, members: list[SavedTensor], root: fx.Node, y: fx.Node) -> None:
         """Rebuild each saved member (the root or a view of it) from ``y`` and swap it in for its placeholder."""
         for t in members:
@@ -364,11 +477,12 @@ def apply_plan(
     for members in by_root.values():
         if not members[0].quantized:
             continue
-        root, new_ph, qinfo = rw.quantize_forward(members)
+        split = members[0].split is not None
+        root, new_ph, qinfo = (rw.quantize_forward_split if split else rw.quantize_forward)(members)
         at = earliest([rw.first_use([t.name for t in members]), *(need[r] for r in needed_by.get(root.name, []))])
         if at is None:
             continue
-        rw.dequantize_backward(members, root, new_ph, qinfo, at)
+        (rw.dequantize_backward_split if split else rw.dequantize_backward)(members, root, new_ph, qinfo, at)
 
     # Recomputed storages: replay the recipe just before the first use.
     for members, f in recomputed:

@@ -1,7 +1,8 @@
 """A fixed-seed subset of the random-graph fuzzer (tools/fuzz.py, issue 10), in two worker processes.
 
-50 programs: 8-bit dynamic statistics in the default precision mix, and a few each with 4-bit codes, running
-statistics, bf16 autocast, dynamic shapes, stochastic rounding, and one through Inductor. Each is checked against the
+56 programs: 8-bit dynamic statistics in the default precision mix, and a few each with 4-bit codes, running
+statistics, bf16 autocast, dynamic shapes, stochastic rounding, byte budgets (split storages), and one through
+Inductor. Each is checked against the
 partition-boundary oracle (gradients equal to float reassociation), against exact eager (the bit-width bound), for
 finite and present gradients and for identical plans. The seeds are fixed and were picked among the fast ones (a few
 seconds each with inner="eager"), so the subset costs about 1.5 minutes on two cores; the full runs are
@@ -23,7 +24,7 @@ import fuzz  # noqa: E402
 
 _BASE = dict(
     bits=8, stats="dynamic", rounding="nearest", precision=None, dynamic=False, inductor_share=0.0, timeout=600,
-    shrink=False, shrink_checks=0, out_dir="",
+    shrink=False, shrink_checks=0, out_dir="", budget=None,
 )  # fmt: skip
 GROUPS = {
     "8-bit mix": (
@@ -36,6 +37,8 @@ GROUPS = {
     "dynamic": ({"dynamic": True}, [402, 406, 407, 409]),
     "stochastic": ({"rounding": "stochastic"}, [501, 503, 505]),
     "inductor": ({"inductor_share": 1.0}, [1]),
+    # Budget plans (--budget 0.25): each of these splits a storage in row ranges (exact, 8- or 4-bit leading rows).
+    "budget": ({"budget": 0.25}, [600, 601, 620, 621, 625, 638]),
 }
 
 
@@ -45,7 +48,7 @@ def _jobs() -> list[tuple[str, int, argparse.Namespace]]:
 
 def test_fixed_seed_subset():
     jobs = _jobs()
-    assert len(jobs) == 50
+    assert len(jobs) == 56
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(2, mp_context=ctx, initializer=fuzz._worker_init) as ex:
         # Inductor first: it is the longest, the other worker runs the rest meanwhile.
@@ -60,9 +63,12 @@ def test_fixed_seed_subset():
     eager = [r for r in results.values() if r["setup"]["inner"] == "eager"]
     assert max(r["errs"]["tight"] for r in eager) == 0.0
     assert max(r["errs"]["tight"] for r in results.values()) <= fuzz.TIGHT["fp32"]
-    decisions = collections.Counter()
+    decisions, grouping = collections.Counter(), collections.Counter()
     for r in results.values():
         decisions.update(r["coverage"].get("decision", {}))
+        grouping.update(r["coverage"].get("grouping", {}))
+    splits = {k: v for k, v in grouping.items() if k.startswith("split rows")}
+    assert {"split rows exact", "split rows 8-bit", "split rows 4-bit"} <= set(splits), splits
     # What the subset covers (measured: 297 quantized; 373 before normalization inputs over < 64 elements were kept
     # exact, fuzz seed 10629; then also 116 recomputed, 145 row-blocked, 9 one-bit masks).
     assert decisions["quantized"] > 250, decisions
