@@ -5,10 +5,8 @@
 * ``actpass::dequantize(q, scale, lo, bits, gend, last_dim, dtype) -> Tensor``: contiguous, exact shape.
 * ``actpass::pack_mask(x) -> q`` / ``actpass::unpack_mask(q, shape) -> x``: bool tensors (dropout and attention
   masks) stored as 1 bit per element, losslessly.
-* ``actpass::copy(x) -> Tensor``: a contiguous copy that Inductor cannot elide. The leading rows of a split storage
-  (``plan.Part``) are saved as a copy of a slice; Inductor drops an ``aten.clone`` whose result has the slice's own
-  strides (``remove_noop_ops``), and the saved slice then kept the whole storage alive (HF Llama, budget 25%: 9.7%
-  over the budget, measured with saved-tensor hooks).
+* ``actpass::copy(x) -> Tensor``: a contiguous copy that no compiler elides, for the leading rows of a split storage
+  (``plan.Part``) where ``rewrite._Rewriter._copy_rows`` cannot use a transposed ``aten.clone``.
 * ``actpass::quantize_saved(x, bits, gend, groups, stochastic, key, decay) -> (q, scale, lo)``: the op the pass
   inserts into forward graphs. ``key`` names a running-statistics entry in a :class:`actpass.state.RunningStats`
   store (empty: per-step statistics). Holding the key instead of the buffer keeps the state out of the graph's

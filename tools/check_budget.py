@@ -5,10 +5,12 @@ the candidates the planner hands :func:`actpass.planner.solve_budget` (every sto
 error), and solves the same multiple-choice knapsack exactly by dynamic programming over bytes (rounded up to
 ``--quantum`` bytes, so the exact solver never overspends). It prints and writes, per graph:
 
-* the greedy plan's bytes and estimated error, and the exact optimum's error;
+* the greedy plan's bytes and estimated error, and the exact optimum's error, both over whole storages;
 * the room the greedy plan leaves, and the cheapest single change that would lower the estimated error (upgrading one
-  storage to any of its options with less error): when that costs more than the room left, no plan with less error
-  fits, so an under-filled budget is the options' granularity, not the solver.
+  storage to any of its options with less error): when that costs more than the room left, no plan of whole storages
+  with less error fits, so an under-filled budget is the options' granularity, not the solver;
+* the final plan after the split fill (``planner.split_fill``: the leading rows of a storage at its next option),
+  its bytes, fill and estimated error, and the fill measured with saved-tensor hooks.
 
     python tools/check_budget.py --tasks hf-llama:0.25 hf-llama:0.15 hf-vit:0.25 vit:0.25
 """
@@ -58,7 +60,8 @@ def check(task: str, fraction: float, quantum: int) -> list[dict]:
 
     def spy(candidates, budget):
         chosen, reachable = solve(candidates, budget)
-        captured.append((candidates, budget, chosen))
+        # the knapsack's own choice, and the dict the planner then fills with splits (the final plan)
+        captured.append((candidates, budget, dict(chosen) if chosen is not None else None, chosen))
         return chosen, reachable
 
     planner.solve_budget = spy
@@ -69,9 +72,10 @@ def check(task: str, fraction: float, quantum: int) -> list[dict]:
     finally:
         planner.solve_budget = solve
     rows = []
-    for i, (candidates, budget, chosen) in enumerate(captured):
+    for i, (candidates, budget, chosen, final) in enumerate(captured):
         used = sum(o.bytes for o in chosen.values())
         greedy = math.sqrt(sum(o.err**2 for o in chosen.values()))
+        final_bytes = sum(o.bytes for o in final.values())
         exact = math.sqrt(exact_min_error(candidates, budget, quantum))
         step = cheapest_improvement(candidates, chosen)
         rows.append(
@@ -87,6 +91,10 @@ def check(task: str, fraction: float, quantum: int) -> list[dict]:
                 "exact_error": exact,
                 "room_left": budget - used,
                 "cheapest_improvement": step,
+                "final_bytes": final_bytes,
+                "final_fill": final_bytes / budget,
+                "final_error": math.sqrt(sum(o.err**2 for o in final.values())),
+                "splits": sum(o.split is not None for o in final.values()),
                 "measured_fill": measured["bytes"] / (fraction * inductor["bytes"]),
             }
         )
@@ -114,8 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{task} budget {r['fraction']:g} graph {r['graph']}: {r['storages']} storages, greedy "
                 f"{r['greedy_bytes']:,} of {r['graph_budget']:,} B ({r['greedy_fill']:.3f}), est. error "
                 f"{r['greedy_error']:.4f}, exact optimum {r['exact_error']:.4f}; room left {r['room_left']:,} B, "
-                f"cheapest change that lowers the error {'none' if step is None else f'{step:,} B'}; measured fill "
-                f"{r['measured_fill']:.3f}",
+                f"cheapest change that lowers the error {'none' if step is None else f'{step:,} B'}; with "
+                f"{r['splits']} split(s): {r['final_bytes']:,} B ({r['final_fill']:.3f}), est. error "
+                f"{r['final_error']:.4f}; measured fill {r['measured_fill']:.3f}",
                 flush=True,
             )
     out = {"command": "python tools/check_budget.py " + " ".join(argv or sys.argv[1:]), "machine": suite.machine()}
