@@ -281,12 +281,8 @@ def _split_hat(fw: fx.GraphModule, root: fx.Node, t: SavedTensor, anchor: fx.Nod
     def add(target, args) -> fx.Node:
         with g.inserting_after(nodes[-1] if nodes else anchor):
             node = g.call_function(target, args)
-        vals = [
-            [v.meta["val"] for v in a] if isinstance(a, list) else a.meta["val"] if isinstance(a, fx.Node) else a
-            for a in args
-        ]
         with rval.fake_mode:
-            node.meta["val"] = target(*vals)
+            node.meta["val"] = target(*fx.node.map_arg(args, lambda a: a.meta["val"]))
         nodes.append(node)
         return node
 

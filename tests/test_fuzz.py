@@ -1,6 +1,6 @@
 """A fixed-seed subset of the random-graph fuzzer (tools/fuzz.py, issue 10), in two worker processes.
 
-56 programs: 8-bit dynamic statistics in the default precision mix, and a few each with 4-bit codes, running
+58 programs: 8-bit dynamic statistics in the default precision mix, and a few each with 4-bit codes, running
 statistics, bf16 autocast, dynamic shapes, stochastic rounding, byte budgets (split storages), and one through
 Inductor. Each is checked against the
 partition-boundary oracle (gradients equal to float reassociation), against exact eager (the bit-width bound), for
@@ -31,14 +31,14 @@ GROUPS = {
         {},
         [1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 18, 19, 24, 26, 28, 29, 30, 31, 32, 33, 35, 38, 39],
     ),
-    "4-bit": ({"bits": 4}, [100, 101, 103, 104, 107, 110]),
+    "4-bit": ({"bits": 4}, [100, 101, 103, 104, 107, 110, 20115]),  # 20115: a split storage in memory order
     "running": ({"stats": "running"}, [200, 202, 203, 206, 207, 211]),
     "bf16": ({"precision": "bf16"}, [300, 301, 304, 307, 308, 310]),
     "dynamic": ({"dynamic": True}, [402, 406, 407, 409]),
     "stochastic": ({"rounding": "stochastic"}, [501, 503, 505]),
     "inductor": ({"inductor_share": 1.0}, [1]),
     # Budget plans (--budget 0.25): each of these splits a storage in row ranges (exact, 8- or 4-bit leading rows).
-    "budget": ({"budget": 0.25}, [600, 601, 620, 621, 625, 638]),
+    "budget": ({"budget": 0.25}, [600, 601, 620, 621, 625, 638, 90083]),
 }
 
 
@@ -48,7 +48,7 @@ def _jobs() -> list[tuple[str, int, argparse.Namespace]]:
 
 def test_fixed_seed_subset():
     jobs = _jobs()
-    assert len(jobs) == 56
+    assert len(jobs) == 58
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(2, mp_context=ctx, initializer=fuzz._worker_init) as ex:
         # Inductor first: it is the longest, the other worker runs the rest meanwhile.
