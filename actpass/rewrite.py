@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -66,6 +67,16 @@ def _fake_mode(val: torch.Tensor):
     if mode is None:
         raise RewriteError("saved tensor has no FakeTensor metadata")
     return mode
+
+
+class _PartInfo(NamedTuple):
+    """What backward needs of one part of a split storage (``_Rewriter.quantize_forward_split``)."""
+
+    record: SavedTensor  # the part's own record (bits None: its rows are stored as a copy)
+    val: torch.Tensor  # the part's fake value (memory order)
+    qval: torch.Tensor | None  # its grouping view's fake value, if it has one (channel chunks, row blocks)
+    fused: bool = False  # codes emitted as aten ops (emit.use_fused)
+    transposed: bool = False  # a copy held with dims 0 and 1 swapped
 
 
 class _Rewriter:
@@ -316,7 +327,7 @@ class _Rewriter:
                 c, transposed = self._copy_rows(xs)
                 c.name = _unique(f"{root.name}_actpass_rows{i}", graph, self.bw.graph)
                 outs_new.append(c)
-                info.append((rec, xs.meta["val"], None, transposed, 1))
+                info.append(_PartInfo(rec, xs.meta["val"], None, transposed=transposed))
                 continue
             xq = xs
             qview = _qview_shape(rec, xs.meta["val"])
@@ -328,7 +339,7 @@ class _Rewriter:
             names = [_unique(f"{root.name}_actpass_{s}{i}", graph, self.bw.graph) for s in ("q", "s", "lo")]
             outs = _emit.emit_quantize(graph, xq, rec, self.config, names, fused, after=xq)
             outs_new.extend(outs)
-            info.append((rec, xs.meta["val"], xq.meta["val"] if qview is not None else None, fused, 3))
+            info.append(_PartInfo(rec, xs.meta["val"], xq.meta["val"] if qview is not None else None, fused=fused))
         self.replace_out[first.name] = outs_new
         for t in members[1:]:
             self.replace_out[t.name] = []
@@ -379,12 +390,13 @@ class _Rewriter:
         pieces: list[fx.Node] = []
         with graph.inserting_before(at):
             i = 0
-            for rec, part_val, qval, fused, count in info:
+            for rec, part_val, qval, fused, transposed in info:
+                count = 1 if rec.bits is None else 3  # a copy of the rows, or (codes, scale, low end)
                 phs = new_ph[i : i + count]
                 i += count
                 if rec.bits is None:
                     piece = phs[0]
-                    if fused:  # held transposed (_copy_rows): swap dims 0 and 1 back
+                    if transposed:  # held with dims 0 and 1 swapped (_copy_rows): swap them back
                         swap = [1, 0, *range(2, part_val.dim())]
                         piece = graph.call_function(aten.permute.default, (piece, swap))
                         piece.meta["val"] = phs[0].meta["val"].permute(swap)
