@@ -65,7 +65,7 @@ from actpass import state as _state
 from actpass.analysis import GraphFacts, StorageFacts, storage_root, view_chain
 from actpass.config import MesaConfig, Rounding
 from actpass.plan import Decision, GraphPlan, SavedTensor
-from actpass.rewrite import RewriteError, _fake_call
+from actpass.rewrite import RewriteError, _fake_call, inverse_perm
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -121,10 +121,7 @@ def fake_quantize(
             q, s, lo = _reference.quantize(y, bits, gend, groups, False, running, decay)
         d = _reference.dequantize(q, s, lo, bits, gend, y.shape[-1], x.dtype).view(mshape)
     if perm:
-        inv = [0] * len(perm)
-        for i, p in enumerate(perm):
-            inv[p] = i
-        d = d.permute(inv)
+        d = d.permute(inverse_perm(perm))
     out = torch.empty_like(x)  # the fake's strides (empty_like keeps a dense tensor's layout)
     out.copy_(d)
     return out
@@ -302,10 +299,7 @@ def _split_hat(fw: fx.GraphModule, root: fx.Node, t: SavedTensor, anchor: fx.Nod
         pieces.append(add(torch.ops.actpass.fake_quantize.default, (*args, row_block, stochastic, "", decay)))
     hat = add(aten.cat.default, (pieces, 0))
     if t.perm:
-        inv = [0] * len(t.perm)
-        for j, p in enumerate(t.perm):
-            inv[p] = j
-        hat = add(aten.permute.default, (hat, inv))
+        hat = add(aten.permute.default, (hat, inverse_perm(t.perm)))
     return hat
 
 

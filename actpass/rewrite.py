@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 import torch.fx as fx
+from torch._prims_common import make_contiguous_strides_for
 
 from actpass import emit as _emit
 from actpass import fused as _fused
@@ -143,12 +144,10 @@ class _Rewriter:
             env[n] = new
 
     # ---- quantized storages --------------------------------------------------------------------------------------
-    def quantize_forward(self, members: list[SavedTensor]) -> tuple[fx.Node, list[fx.Node], tuple]:
-        first = members[0]
-        member_nodes = [self.fw_nodes[t.name] for t in members]
-        root = storage_root(member_nodes[0])
-        rval = root.meta["val"]
-        mode = _fake_mode(rval)
+    def memory_order(self, first: SavedTensor) -> tuple[fx.Node, fx.Node, fx.Node]:
+        """``(root, x, anchor)``: the storage root of ``first``, the root in memory order (permuted if it is not
+        contiguous), and the node to insert the quantize after."""
+        root = storage_root(self.fw_nodes[first.name])
         graph = self.fw.graph
         x = anchor = root
         if root.op == "placeholder":  # an activation handed over as a graph input: quantize after the inputs
@@ -156,7 +155,43 @@ class _Rewriter:
         if first.perm:
             with graph.inserting_after(anchor):
                 x = anchor = graph.call_function(aten.permute.default, (root, list(first.perm)))
-            x.meta["val"] = rval.permute(first.perm)
+            x.meta["val"] = root.meta["val"].permute(first.perm)
+        return root, x, anchor
+
+    def save(self, members: list[SavedTensor], outs: list[fx.Node]) -> list[fx.Node]:
+        """Forward saves ``outs`` in place of the storage's members; backward gets them as placeholders where the
+        first member's was (returned, in order)."""
+        self.replace_out[members[0].name] = outs
+        for t in members[1:]:
+            self.replace_out[t.name] = []
+        first_ph = self.bw_ph[members[0].name]
+        new_ph = []
+        for node in outs:
+            with self.bw.graph.inserting_before(first_ph):
+                p = self.bw.graph.placeholder(node.name)
+            if p.name != node.name:
+                raise RewriteError(f"placeholder name {node.name} clashed")
+            p.meta["val"] = node.meta["val"]
+            new_ph.append(p)
+            self.syms.add(p)
+        return new_ph
+
+    def rebuilt(self, members: list[SavedTensor], root: fx.Node, y: fx.Node) -> None:
+        """``y`` (in backward, before the current insertion point) holds the storage in memory order: permute it back
+        to the root's strides, and rebuild every saved member from it."""
+        perm = members[0].perm
+        if perm:
+            y = self.bw.graph.call_function(aten.permute.default, (y, inverse_perm(perm)))
+            y.meta["val"] = y.args[0].meta["val"].permute(inverse_perm(perm))
+        self.bw_value[root.name] = y
+        self.replay_members(members, root, y)
+
+    def quantize_forward(self, members: list[SavedTensor]) -> tuple[fx.Node, list[fx.Node], tuple]:
+        first = members[0]
+        root, x, anchor = self.memory_order(first)
+        rval = root.meta["val"]
+        mode = _fake_mode(rval)
+        graph = self.fw.graph
         qview = _qview_shape(first, x.meta["val"])
         if qview is not None:
             with graph.inserting_after(anchor):
@@ -173,15 +208,11 @@ class _Rewriter:
                 qnode = graph.call_function(half, (x, torch.float16))
             qnode.meta["val"] = vals[0]
             qnode.name = _unique(f"{root.name}_actpass_half", graph, self.bw.graph)
-            names = [qnode.name]
             outs_new.append(qnode)
         elif first.code == "sqrt":  # square-root companded codes: aten ops, whatever the inner compiler
             outs_new = _fused.emit_sqrt_quantize(graph, x, first.bits, after=anchor)
-            names = []
             for node, s in zip(outs_new, ("q", "s", "lo"), strict=True):
                 node.name = _unique(f"{root.name}_actpass_sqrt_{s}", graph, self.bw.graph)
-                names.append(node.name)
-            vals = tuple(n.meta["val"] for n in outs_new)
         elif first.code == "select":  # two values by construction: 1 bit per element says which
             # NOTE: the two values are read from the tensor (its max and min), not from the graph's constants: the
             # compiled forward may round a constant differently from eager (HF-style finfo(float32).min cast to
@@ -203,10 +234,8 @@ class _Rewriter:
                 node.meta["val"] = v
             qnode.meta["val"] = vals[0]
             outs_new = [qnode, hi, lo]
-            names = []
             for node, suffix in zip(outs_new, ("bits", "hi", "lo"), strict=True):
                 node.name = _unique(f"{root.name}_actpass_{suffix}", graph, self.bw.graph)
-                names.append(node.name)
         elif first.bits == 1:  # a bool mask: one packed tensor
             with mode:
                 vals = (torch.ops.actpass.pack_mask.default(x.meta["val"]),)
@@ -214,29 +243,12 @@ class _Rewriter:
                 qnode = graph.call_function(torch.ops.actpass.pack_mask.default, (x,))
             qnode.meta["val"] = vals[0]
             qnode.name = _unique(f"{root.name}_actpass_bits", graph, self.bw.graph)
-            names = [qnode.name]
             outs_new.append(qnode)
         else:
             fused = _emit.use_fused(self.config, x.meta["val"])
             names = [_unique(f"{root.name}_actpass_{s}", graph, self.bw.graph) for s in ("q", "s", "lo")]
             outs_new = _emit.emit_quantize(graph, x, first, self.config, names, fused, after=anchor)
-            names = [n.name for n in outs_new]
-            vals = tuple(n.meta["val"] for n in outs_new)
-        self.replace_out[first.name] = outs_new
-        for t in members[1:]:
-            self.replace_out[t.name] = []
-        # Backward: the codes' placeholders take the first member's place.
-        first_ph = self.bw_ph[first.name]
-        new_ph = []
-        for nm, v in zip(names, vals, strict=True):
-            with self.bw.graph.inserting_before(first_ph):
-                p = self.bw.graph.placeholder(nm)
-            if p.name != nm:
-                raise RewriteError(f"placeholder name {nm} clashed")
-            p.meta["val"] = v
-            new_ph.append(p)
-            self.syms.add(p)
-        return root, new_ph, (x.meta["val"], qview, fused)
+        return root, self.save(members, outs_new), (x.meta["val"], qview, fused)
 
     def dequantize_backward(self, members: list[SavedTensor], root: fx.Node, new_ph, qinfo, at: fx.Node) -> None:
         first = members[0]
@@ -271,14 +283,7 @@ class _Rewriter:
                 pshape = rval.permute(first.perm).shape if first.perm else rval.shape
                 y = graph.call_function(aten.view.default, (deq, [self.syms.emit(d, d) for d in pshape]))
                 y.meta["val"] = deq.meta["val"].view(pshape)
-            if first.perm:
-                inv = [0] * len(first.perm)
-                for i, p in enumerate(first.perm):
-                    inv[p] = i
-                y = graph.call_function(aten.permute.default, (y, inv))
-                y.meta["val"] = y.args[0].meta["val"].permute(inv)
-            self.bw_value[root.name] = y
-            self.replay_members(members, root, y)
+            self.rebuilt(members, root, y)
 
     # ---- storages split in two (planner.split_option) -------------------------------------------------------------
     def quantize_forward_split(self, members: list[SavedTensor]) -> tuple[fx.Node, list[fx.Node], tuple]:
@@ -287,17 +292,9 @@ class _Rewriter:
         first = members[0]
         split = first.split
         assert split is not None
-        root = storage_root(self.fw_nodes[first.name])
-        rval = root.meta["val"]
-        _fake_mode(rval)
+        root, x, anchor = self.memory_order(first)
+        _fake_mode(root.meta["val"])
         graph = self.fw.graph
-        x = anchor = root
-        if root.op == "placeholder":
-            anchor = list(graph.find_nodes(op="placeholder"))[-1]
-        if first.perm:
-            with graph.inserting_after(anchor):
-                x = anchor = graph.call_function(aten.permute.default, (root, list(first.perm)))
-            x.meta["val"] = rval.permute(first.perm)
         n = int(x.meta["val"].shape[0])
         if not 0 < split.rows < n:
             raise RewriteError(f"{first.tensor_id}: split at row {split.rows} of {n}")
@@ -340,20 +337,7 @@ class _Rewriter:
             outs = _emit.emit_quantize(graph, xq, rec, self.config, names, fused, after=xq)
             outs_new.extend(outs)
             info.append(_PartInfo(rec, xs.meta["val"], xq.meta["val"] if qview is not None else None, fused=fused))
-        self.replace_out[first.name] = outs_new
-        for t in members[1:]:
-            self.replace_out[t.name] = []
-        first_ph = self.bw_ph[first.name]
-        new_ph = []
-        for node in outs_new:
-            with self.bw.graph.inserting_before(first_ph):
-                p = self.bw.graph.placeholder(node.name)
-            if p.name != node.name:
-                raise RewriteError(f"placeholder name {node.name} clashed")
-            p.meta["val"] = node.meta["val"]
-            new_ph.append(p)
-            self.syms.add(p)
-        return root, new_ph, tuple(info)
+        return root, self.save(members, outs_new), tuple(info)
 
     def _copy_rows(self, xs: fx.Node) -> tuple[fx.Node, bool]:
         """A copy of the rows ``xs`` (a slice) that Inductor keeps; whether it holds them transposed (dims 0, 1).
@@ -383,7 +367,6 @@ class _Rewriter:
         return c, False
 
     def dequantize_backward_split(self, members: list[SavedTensor], root: fx.Node, new_ph, info, at: fx.Node) -> None:
-        first = members[0]
         rval = root.meta["val"]
         mode = _fake_mode(rval)
         graph = self.bw.graph
@@ -413,14 +396,7 @@ class _Rewriter:
             y = graph.call_function(aten.cat.default, (pieces, 0))
             with mode:
                 y.meta["val"] = aten.cat.default([p.meta["val"] for p in pieces], 0)
-            if first.perm:
-                inv = [0] * len(first.perm)
-                for j, p in enumerate(first.perm):
-                    inv[p] = j
-                y = graph.call_function(aten.permute.default, (y, inv))
-                y.meta["val"] = y.args[0].meta["val"].permute(inv)
-            self.bw_value[root.name] = y
-            self.replay_members(members, root, y)
+            self.rebuilt(members, root, y)
 
     def replay_members(self, members: list[SavedTensor], root: fx.Node, y: fx.Node) -> None:
         """Rebuild each saved member (the root or a view of it) from ``y`` and swap it in for its placeholder."""
@@ -545,13 +521,17 @@ def apply_plan(
     rw.finish()
 
 
+def inverse_perm(perm) -> list[int]:
+    """The permutation that undoes ``perm`` (``x.permute(perm).permute(inverse_perm(perm))`` is ``x``)."""
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
 def _strides_differ(val: torch.Tensor) -> bool:
     """Whether ``val``'s strides differ from a contiguous tensor's of its shape (so a contiguous clone is no no-op)."""
-    want, step = [], 1
-    for size in reversed(val.shape):
-        want.append(step)
-        step *= int(size)
-    return list(val.stride()) != want[::-1]
+    return tuple(val.stride()) != tuple(make_contiguous_strides_for(val.shape))
 
 
 def _qview_shape(t: SavedTensor, val: torch.Tensor) -> list[int] | None:
