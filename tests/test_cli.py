@@ -201,6 +201,10 @@ def test_inspect_vit_table_fits_a_terminal() -> None:
     # Inductor's copies of the patch embedding's input and weight account for every byte of the difference.
     assert "before (inductor): explained (copies of parameters or inputs +540,672 B)" in lines
     assert "after (mesa): explained (copies of parameters or inputs +540,672 B)" in lines
+    # Less those copies, the measurement is what the plan (and a budget) covers: the same bytes as planned.
+    planned = next(ln for ln in lines if ln.strip().startswith("planned ")).split()
+    less = next(ln for ln in lines if ln.strip().startswith("measured, less param/input copies")).split()
+    assert less[4:] == planned[1:], (less, planned)
     assert not any("_scaled_dot_product" in ln or ln.strip().startswith(":input#") for ln in lines)
 
 
