@@ -35,6 +35,7 @@ class Codec(str, enum.Enum):
 
     AUTO = "auto"  # Inductor fuses them (aten ops) where it can: inner="inductor", dynamic stats, nearest rounding
     KERNELS = "kernels"  # always the C++/CUDA extension ops
+    FUSED = "fused"  # aten ops wherever they apply, 16-bit tensors too (auto measures which dtypes gain; this forces)
 
 
 _BITS = (2, 4, 8)
@@ -134,7 +135,8 @@ class MesaConfig:
     codec: Codec = option(
         Codec.AUTO,
         "how quantize/dequantize enter the graphs: 'auto' (aten ops Inductor fuses into its kernels, where they "
-        "apply) or 'kernels' (the C++/CUDA extension ops everywhere)",
+        "apply and measured faster), 'fused' (aten ops wherever they apply, 16-bit tensors too) or 'kernels' (the "
+        "C++/CUDA extension ops everywhere)",
     )
 
     def __post_init__(self) -> None:

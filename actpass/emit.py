@@ -35,7 +35,7 @@ def use_fused(config: MesaConfig, x_val: torch.Tensor) -> bool:
     # step / Inductor step, fused vs extension ops: fp32 vit 0.99 vs 1.09, gpt 1.02 vs 1.06, hf-gpt2 1.06 vs 1.01;
     # bf16 autocast vit 1.20 vs 1.04, gpt 1.07 vs 1.08, hf-gpt2 1.16 vs 1.14. So fp32 tensors take the fused path
     # and 16-bit ones the extension kernels (Inductor's bf16 code converts to fp32 and back around every op).
-    if x_val.dtype != torch.float32:
+    if x_val.dtype != torch.float32 and config.codec is not Codec.FUSED:
         return False
     # NOTE: bit-exact with the reference is measured on Inductor's CPU code only (tests/test_fused.py). On CUDA,
     # Triton may contract multiply-adds into FMAs (codes off by one at rounding ties): no GPU has run it yet, so CUDA

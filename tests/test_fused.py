@@ -98,14 +98,15 @@ class _Block(nn.Module):
         return x + self.fc2(torch.relu(self.fc1(x)))
 
 
-def _step(codec: str, **options):
+def _step(codec: str, bf16: bool = False, **options):
     torch.manual_seed(0)
     model = _Block()
     x = torch.randn(4, 40, 32)
     options.setdefault("max_error", float("inf"))  # codes for every storage that can take them: the codecs' test
     backend = actpass.mesa(codec=codec, keep_graphs=True, **options)
     torch._dynamo.reset()
-    loss = torch.compile(model, backend=backend)(x).square().mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = torch.compile(model, backend=backend)(x).float().square().mean()
     loss.backward()
     # Copies: the next torch._dynamo.reset() calls backend.reset(), which forgets the plans and graphs.
     custom_ops = sum(
@@ -130,6 +131,20 @@ def test_fused_and_kernels_give_the_same_step(bits):
     for name, g in grads_k.items():
         # Same codes, same values: only Inductor's fusion of the backward kernels may reassociate float sums.
         torch.testing.assert_close(grads_f[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_tensors_take_the_kernels_unless_fused_is_asked_for():
+    """codec="auto" gives 16-bit tensors the extension kernels (measured faster, emit.use_fused); "fused" forces the
+    aten ops: the same plan and bytes, gradients within bf16's rounding (Inductor keeps fused intermediates in fp32)."""
+    loss_a, grads_a, plans_a, ops_a = _step("auto", bf16=True)
+    loss_f, grads_f, plans_f, ops_f = _step("fused", bf16=True)
+    assert any(t.dtype == "torch.bfloat16" for t in plans_a[0].quantized)
+    assert ops_a > 0 and ops_f == 0
+    assert plans_f[0].saved_bytes_after == plans_a[0].saved_bytes_after
+    torch.testing.assert_close(loss_f, loss_a, rtol=2e-2, atol=0)
+    num = sum(float((grads_f[k].float() - g.float()).square().sum()) for k, g in grads_a.items())
+    den = sum(float(g.float().square().sum()) for g in grads_a.values())
+    assert (num / den) ** 0.5 < 2e-2
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "budget10": {"budget": 0.10},
     "bits8-bf16": {},
     "bits4-bf16": {"bits": 4},
+    "bits8-fused-bf16": {"codec": "fused"},  # aten ops for the 16-bit tensors too (auto: the extension kernels)
     # the 8-bit error target (MesaConfig.max_error, default 0.05) loosened or tightened: how much size each step buys
     "bits8-err005": {"max_error": 0.005},  # the default before the convergence suite chose 0.05
     "bits8-err01": {"max_error": 0.01},
