@@ -5,8 +5,10 @@ loss, backward; no optimizer):
 
 * **compile time** = first step - median of the following steps (what compiling added to the first step);
 * **cold**: an empty Inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``); **warm**: a second process on the same
-  directory (Inductor's FX-graph, AOTAutograd and C++ kernel caches filled). mesa bypasses the FX-graph and
-  AOTAutograd caches (a hit would skip its partitioner), so warm mesa still partitions and generates code;
+  directory (Inductor's FX-graph, AOTAutograd and C++ kernel caches filled). mesa's graphs are served from the
+  AOTAutograd cache too (its key includes the partitioner's ``uuid()``, which hashes the pass's source, the config
+  and what the analysis reads; the plans are restored beside the entry: ``actpass/cache.py``), so a warm mesa
+  process neither partitions nor plans;
 * **pass time**: ``MesaBackend.timings``, the wall time of ``analysis.plan_graph`` + ``rewrite.apply_plan`` summed
   over graphs. The goal is pass time <= 10% of the compile time mesa adds to Inductor (mesa - inductor).
 
