@@ -35,6 +35,9 @@ def use_fused(config: MesaConfig, x_val: torch.Tensor) -> bool:
     # step / Inductor step, fused vs extension ops: fp32 vit 0.99 vs 1.09, gpt 1.02 vs 1.06, hf-gpt2 1.06 vs 1.01;
     # bf16 autocast vit 1.20 vs 1.04, gpt 1.07 vs 1.08, hf-gpt2 1.16 vs 1.14. So fp32 tensors take the fused path
     # and 16-bit ones the extension kernels (Inductor's bf16 code converts to fp32 and back around every op).
+    # Re-measured on a quiet machine with the planner's plans (bench_step --precisions bf16 --variants inductor mesa8
+    # mesa8-fused --rounds 7, tools/results/step-cpu-amd-epyc-quiet-bf16-fused.json): kernels / codec="fused"
+    # vit 0.995 / 1.031, gpt 1.016 / 1.050, hf-gpt2 1.015 / 1.044, hf-llama 1.062 / 1.060, hf-vit 1.089 / 1.147.
     if x_val.dtype != torch.float32 and config.codec is not Codec.FUSED:
         return False
     # NOTE: bit-exact with the reference is measured on Inductor's CPU code only (tests/test_fused.py). On CUDA,
