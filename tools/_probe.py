@@ -27,6 +27,7 @@ import torch.fx as fx
 from actpass import ops as _ops  # noqa: F401
 from actpass.analysis import GraphFacts, StorageFacts, gather_facts, view_chain
 from actpass.backend import MesaBackend, activation_inputs
+from actpass.plan import SavedTensor
 from actpass.planner import Option, plan_graph
 
 SPECS: dict[str, Any] = {}
@@ -94,6 +95,35 @@ def qdq_fn(f: StorageFacts, opt: Option, zero_preserve: bool = True) -> Callable
                 inv[p] = i
             d = d.permute(inv)
         return d
+
+    return fn
+
+
+def split_qdq_fn(t: SavedTensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A split storage (``t.split``) as backward rebuilds it: memory order, the leading rows as the split says
+    (exact or codes of their own), the rest as the record says, concatenated and permuted back (the oracle's
+    ``_split_hat``, run eagerly)."""
+    from actpass import oracle  # registers actpass::fake_quantize
+    from actpass.rewrite import inverse_perm
+
+    split = t.split
+    assert split is not None and oracle is not None
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(t.perm) if t.perm else x
+        pieces = []
+        for bits, gend, groups, chunk, row_block, start, end in (
+            (split.bits, split.gend, split.groups, split.chunk, split.row_block, 0, split.rows),
+            (t.bits, t.gend, t.groups, t.chunk, t.row_block, split.rows, y.shape[0]),
+        ):
+            ys = y[start:end].contiguous()
+            if bits is None:
+                pieces.append(ys)
+                continue
+            g = -1 if groups is None else groups
+            pieces.append(torch.ops.actpass.fake_quantize(ys, bits, gend or 0, g, None, chunk, row_block, False, "", 0.9))
+        d = torch.cat(pieces, 0)
+        return d.permute(inverse_perm(t.perm)) if t.perm else d
 
     return fn
 

@@ -207,6 +207,8 @@ def check_model(p: Probe, log) -> list[dict[str, Any]]:
                     f = by_id[t.tensor_id]
                     if t.decision is Decision.RECOMPUTED:
                         specs[t.tensor_id] = "recompute"
+                    elif t.decision is Decision.QUANTIZED and t.split is not None:
+                        specs[t.tensor_id] = _probe.split_qdq_fn(t)  # leading rows stored another way
                     elif t.decision is Decision.QUANTIZED:
                         opt = planner.Option(
                             t.decision,
@@ -218,6 +220,7 @@ def check_model(p: Probe, log) -> list[dict[str, Any]]:
                             t.groups,
                             t.chunk,
                             t.row_block,
+                            code=t.code,  # square-root codes for probabilities, 1-bit selects
                         )
                         specs[t.tensor_id] = _probe.qdq_fn(f, opt)
         except planner.BudgetError as e:
