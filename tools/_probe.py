@@ -121,7 +121,8 @@ def split_qdq_fn(t: SavedTensor) -> Callable[[torch.Tensor], torch.Tensor]:
                 pieces.append(ys)
                 continue
             g = -1 if groups is None else groups
-            pieces.append(torch.ops.actpass.fake_quantize(ys, bits, gend or 0, g, None, chunk, row_block, False, "", 0.9))
+            fq = torch.ops.actpass.fake_quantize(ys, bits, gend or 0, g, None, chunk, row_block, False, "", 0.9)
+            pieces.append(fq)
         d = torch.cat(pieces, 0)
         return d.permute(inverse_perm(t.perm)) if t.perm else d
 
