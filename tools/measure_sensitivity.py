@@ -16,6 +16,8 @@ Usage::
 
     python tools/measure_sensitivity.py                   # every task; writes actpass/sensitivity.json
     python tools/measure_sensitivity.py --tasks hf-gpt2 vit --no-write
+    python tools/measure_sensitivity.py --tasks hf-llama --train-steps 150 --check-only --ablate '{"bits": 8}' \
+        --out /tmp/ablate.json                            # which storages make a plan's error, per role
 
 Results: ``tools/results/sensitivity-cpu.json`` (every measurement, the command, machine and commit).
 """
@@ -183,51 +185,64 @@ def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "
     }
 
 
+def plan_specs(p: Probe, config: actpass.MesaConfig) -> tuple[dict[str, Any], list, dict[str, list[str]]]:
+    """The plans mesa makes for ``p``'s graphs under ``config``, as probe specs: every storage recomputed or
+    quantized -> dequantized as mesa stores it (uniform or square-root codes, split rows). Also the plans, and the
+    quantized tensor ids by ``"<role>@<bits>"``.
+
+    Raises:
+        planner.BudgetError: a budget the graphs cannot meet.
+    """
+    specs: dict[str, Any] = {}
+    plans: list = []
+    roles: dict[str, list[str]] = {}
+    for g, facts in enumerate(p.backend.facts):
+        plan = planner.plan_graph(facts, config, graph_id=g, budget_bytes=graph_budget(config, facts, plans))
+        plans.append(plan)
+        by_id = {f.tensor_id: f for f in facts.storages}
+        for t in plan.tensors:
+            if t.bytes_before == 0:
+                continue
+            if t.decision is Decision.RECOMPUTED:
+                specs[t.tensor_id] = "recompute"
+                continue
+            if t.decision is not Decision.QUANTIZED:
+                continue
+            if t.split is not None:
+                specs[t.tensor_id] = _probe.split_qdq_fn(t)  # leading rows stored another way
+            else:
+                opt = planner.Option(
+                    t.decision,
+                    t.bits,
+                    t.bytes_after,
+                    t.est_error,
+                    t.layout,
+                    t.gend,
+                    t.groups,
+                    t.chunk,
+                    t.row_block,
+                    code=t.code,  # square-root codes for probabilities, 1-bit selects
+                )
+                specs[t.tensor_id] = _probe.qdq_fn(by_id[t.tensor_id], opt)
+            roles.setdefault(f"{t.role.value}@{t.bits}", []).append(t.tensor_id)
+    return specs, plans, roles
+
+
 def check_model(p: Probe, log) -> list[dict[str, Any]]:
     """Plans made with the current table, simulated: measured error next to the estimate."""
     rows = []
     policies: list[tuple[str, dict[str, Any]]] = [(f"bits={b}", {"bits": b}) for b in BITS]
     policies += [(f"budget={f}", {"budget": f}) for f in (0.25, 0.15, 0.10)]
     for label, opts in policies:
-        config = actpass.MesaConfig(**opts)
-        specs: dict[str, Any] = {}
-        est2, before, after = 0.0, 0, 0
-        plans: list = []
         try:
-            for g, facts in enumerate(p.backend.facts):
-                plan = planner.plan_graph(facts, config, graph_id=g, budget_bytes=graph_budget(config, facts, plans))
-                plans.append(plan)
-                est2 += plan.est_error**2
-                before += plan.saved_bytes_before
-                after += plan.saved_bytes_after
-                by_id = {f.tensor_id: f for f in facts.storages}
-                for t in plan.tensors:
-                    if t.bytes_before == 0:
-                        continue
-                    f = by_id[t.tensor_id]
-                    if t.decision is Decision.RECOMPUTED:
-                        specs[t.tensor_id] = "recompute"
-                    elif t.decision is Decision.QUANTIZED and t.split is not None:
-                        specs[t.tensor_id] = _probe.split_qdq_fn(t)  # leading rows stored another way
-                    elif t.decision is Decision.QUANTIZED:
-                        opt = planner.Option(
-                            t.decision,
-                            t.bits,
-                            t.bytes_after,
-                            t.est_error,
-                            t.layout,
-                            t.gend,
-                            t.groups,
-                            t.chunk,
-                            t.row_block,
-                            code=t.code,  # square-root codes for probabilities, 1-bit selects
-                        )
-                        specs[t.tensor_id] = _probe.qdq_fn(f, opt)
+            specs, plans, _roles = plan_specs(p, actpass.MesaConfig(**opts))
         except planner.BudgetError as e:
             log(f"  {label}: {e}")
             continue
         e = p.error(specs)
-        est = math.sqrt(est2)
+        est = math.sqrt(sum(plan.est_error**2 for plan in plans))
+        before = sum(plan.saved_bytes_before for plan in plans)
+        after = sum(plan.saved_bytes_after for plan in plans)
         rows.append(
             dict(
                 policy=label,
@@ -244,6 +259,33 @@ def check_model(p: Probe, log) -> list[dict[str, Any]]:
             f"{before / max(after, 1):.2f}x smaller"
         )
     return rows
+
+
+def _cast(dtype: torch.dtype):
+    return lambda x: x.to(dtype).to(x.dtype)
+
+
+def ablate(p: Probe, opts: dict[str, Any], log) -> dict[str, Any]:
+    """Where one plan's error comes from: the plan simulated whole, then per ``role@bits`` group of quantized
+    storages its error alone, the rest's without it, and the whole plan's with that group stored as float16 or
+    bfloat16 casts instead of codes."""
+    specs, _plans, roles = plan_specs(p, actpass.MesaConfig(**opts))
+    out: dict[str, Any] = {"options": opts, "all": p.error(specs), "groups": {}}
+    log(f"  {opts}: all {out['all']:.4%}")
+    for group, ids in sorted(roles.items()):
+        row = {
+            "storages": len(ids),
+            "alone": p.error({k: v for k, v in specs.items() if k in ids}),
+            "without": p.error({k: v for k, v in specs.items() if k not in ids}),
+        }
+        for name, dt in (("as_float16", torch.float16), ("as_bfloat16", torch.bfloat16)):
+            row[name] = p.error({**specs, **{k: _cast(dt) for k in ids}})
+        out["groups"][group] = row
+        log(
+            f"  {group:14s} x{len(ids):<3d} alone {row['alone']:.4%}  the rest {row['without']:.4%}  all with it as "
+            f"float16 {row['as_float16']:.4%}, bfloat16 {row['as_bfloat16']:.4%}"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,12 +309,20 @@ def main(argv: list[str] | None = None) -> None:
         help="how the table combines tasks (default: %(default)s)",
     )
     ap.add_argument(
+        "--ablate",
+        type=json.loads,
+        metavar="JSON",
+        help="with --check-only: where one plan's error comes from, per role group (e.g. '{\"bits\": 4}')",
+    )
+    ap.add_argument(
         "--table-from",
         type=Path,
         metavar="JSON",
         help="rebuild the table from a results file's measurements instead of measuring",
     )
     args = ap.parse_args(argv)
+    if args.ablate is not None:
+        args.check_only = True  # an ablation reads the shipped table, it does not measure a new one
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
@@ -317,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
             sensitivity.table.cache_clear()
             log(f"wrote {sensitivity.DATA}")
     for (name, steps), p in probes.items():
+        if args.ablate is not None:
+            log(f"{name} after {steps} steps: where the error comes from")
+            results.setdefault("ablate", {})[f"{name}@{steps}"] = ablate(p, args.ablate, log)
+            continue
         log(f"{name} after {steps} steps: the error model, checked")
         results["check"][f"{name}@{steps}"] = check_model(p, log)
     results["seconds"] = time.perf_counter() - t0
