@@ -25,16 +25,27 @@ from actpass import _extension, _reference
 from actpass import state as _state
 
 _LIB = torch.library.Library("actpass", "DEF")  # noqa: TOR901 - this module owns the namespace
+# NOTE: the kernels read x contiguously (x.contiguous() first). Without a stride tag Inductor may hand them a strided
+# view of its own buffer: it dropped a model's clone of k^T whose only other reader was a bmm, so quantize_saved
+# cloned it again with aten::clone and the bmm did too (aten::contiguous inside aten::bmm, 1.2 ms of a 40 ms bf16 HF
+# ViT step, torch.profiler). With the tag Inductor materializes the input contiguously, in its own kernel.
+_CONTIGUOUS = tuple(
+    getattr(torch.Tag, t)
+    for t in ("needs_contiguous_strides", "needs_exact_strides", "needs_fixed_stride_order")
+    if hasattr(torch.Tag, t)
+)[:1]
 _LIB.define(
     "quantize(Tensor x, int bits, int gend, int groups, bool stochastic, Tensor(a!)? running, float decay)"
-    " -> (Tensor, Tensor, Tensor)"
+    " -> (Tensor, Tensor, Tensor)",
+    tags=_CONTIGUOUS,
 )
 _LIB.define(
     "dequantize(Tensor q, Tensor scale, Tensor lo, int bits, int gend, SymInt last_dim, ScalarType dtype) -> Tensor"
 )
 _LIB.define(
     "quantize_saved(Tensor x, int bits, int gend, int groups, bool stochastic, str key, float decay)"
-    " -> (Tensor, Tensor, Tensor)"
+    " -> (Tensor, Tensor, Tensor)",
+    tags=_CONTIGUOUS,
 )
 _LIB.define("pack_mask(Tensor x) -> Tensor")
 _LIB.define("unpack_mask(Tensor q, SymInt[] shape) -> Tensor")
