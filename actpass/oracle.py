@@ -266,11 +266,26 @@ def simulate_plan(
     fw.recompile()
 
 
+def split_parts(t: SavedTensor, n: int) -> list[tuple[int, int, tuple | None]]:
+    """The two parts of a split storage (``t.split``) with ``n`` rows in memory order: ``(start, end, args)``, with
+    ``args`` the part's ``(bits, gend, groups, perm, chunk, row_block)`` for ``actpass::fake_quantize`` (perm None:
+    the rows are already in memory order), or None for rows stored exactly."""
+    split = t.split
+    assert split is not None
+    out = []
+    for bits, gend, groups, chunk, row_block, start, end in (
+        (split.bits, split.gend, split.groups, split.chunk, split.row_block, 0, split.rows),
+        (t.bits, t.gend, t.groups, t.chunk, t.row_block, split.rows, n),
+    ):
+        args = None if bits is None else (bits, gend or 0, -1 if groups is None else groups, None, chunk, row_block)
+        out.append((start, end, args))
+    return out
+
+
 def _split_hat(fw: fx.GraphModule, root: fx.Node, t: SavedTensor, anchor: fx.Node, stochastic: bool, decay: float):
     """A split storage (``t.split``) as backward rebuilds it: memory order, the leading rows as the split says (exact
     or fake-quantized), the rest as the record says, concatenated and permuted back; inserted after ``anchor``."""
-    split = t.split
-    assert split is not None
+    assert t.split is not None
     g = fw.graph
     rval = root.meta["val"]
     nodes: list[fx.Node] = []
@@ -287,16 +302,11 @@ def _split_hat(fw: fx.GraphModule, root: fx.Node, t: SavedTensor, anchor: fx.Nod
     xval = rval.permute(t.perm) if t.perm else rval
     n = int(xval.shape[0])
     pieces = []
-    for bits, gend, groups, chunk, row_block, start, end in (
-        (split.bits, split.gend, split.groups, split.chunk, split.row_block, 0, split.rows),
-        (t.bits, t.gend, t.groups, t.chunk, t.row_block, split.rows, n),
-    ):
+    for start, end, args in split_parts(t, n):
         xs = add(aten.slice.Tensor, (x, 0, start, end))
-        if bits is None:
-            pieces.append(xs)
-            continue
-        args = (xs, bits, gend if gend is not None else 0, groups if groups is not None else -1, None, chunk)
-        pieces.append(add(torch.ops.actpass.fake_quantize.default, (*args, row_block, stochastic, "", decay)))
+        pieces.append(
+            xs if args is None else add(torch.ops.actpass.fake_quantize.default, (xs, *args, stochastic, "", decay))
+        )
     hat = add(aten.cat.default, (pieces, 0))
     if t.perm:
         hat = add(aten.permute.default, (hat, inverse_perm(t.perm)))

@@ -439,14 +439,16 @@ class Report:
             "after": reconcile("after", self.plans, self.measured_after, self.plan_graphs),
         }
 
-    def copies_outside_plan(self) -> tuple[int, int] | None:
-        """Bytes of the copies of parameters or inputs the measurement found (before, after), when both sides have
-        some: Inductor makes them while lowering (a convolution's channels-last input and weight), after the plan,
-        so neither the plan nor a budget counts them. None when there are none or nothing was measured."""
+    def measured_less_copies(self) -> tuple[int, int] | None:
+        """Measured bytes (before, after) less the copies of parameters or inputs found on both sides: Inductor makes
+        them while lowering (a convolution's channels-last input and weight), after the plan, so neither the plan nor
+        a budget counts them. None when a side has none or nothing was measured."""
         rec = self.reconciliation()
         before = dict(rec["before"].causes).get(CAUSE_COPIES, 0)
         after = dict(rec["after"].causes).get(CAUSE_COPIES, 0)
-        return (before, after) if before and after else None
+        if not (before and after) or self.measured_bytes_before is None or self.measured_bytes_after is None:
+            return None
+        return self.measured_bytes_before - before, self.measured_bytes_after - after
 
     def notes(self) -> list[str]:
         """Things the user can fix that the plan cannot: e.g. a KV cache returned while training."""
@@ -894,10 +896,9 @@ def render_table(
         ("planned", report.saved_bytes_before, report.saved_bytes_after, rb),
         (f"measured ({base} -> mesa)", report.measured_bytes_before, report.measured_bytes_after, rm),
     ]
-    copies = report.copies_outside_plan()
-    if copies is not None:  # what the plan (and a budget) covers, measured: comparable with the planned row
-        mb, ma = report.measured_bytes_before - copies[0], report.measured_bytes_after - copies[1]  # type: ignore[operator]
-        totals.append(("measured, less param/input copies", mb, ma, ratio(ma, mb)))
+    less = report.measured_less_copies()
+    if less is not None:  # what the plan (and a budget) covers, measured: comparable with the planned row
+        totals.append(("measured, less param/input copies", *less, ratio(less[1], less[0])))
     out.append("totals (activation bytes saved for backward; parameters and inputs left out)")
     rows = [
         (label, exact_bytes(b), human_bytes(b) if b is not None else "", exact_bytes(a), human_bytes(a), ratio_text(r))
@@ -939,17 +940,14 @@ def render_markdown(report: Report) -> str:
         f"| measured ({base} → mesa) | {exact_bytes(report.measured_bytes_before)} "
         f"| {exact_bytes(report.measured_bytes_after)} | {'n/a' if rm is None else f'{rm:.3f}'} |",
     ]
-    copies = report.copies_outside_plan()
-    if copies is not None:
-        mb, ma = report.measured_bytes_before - copies[0], report.measured_bytes_after - copies[1]  # type: ignore[operator]
-        rc = ratio(ma, mb)
+    less = report.measured_less_copies()
+    if less is not None:
+        rc = ratio(less[1], less[0])
         out.append(
-            f"| measured, less copies of parameters or inputs | {exact_bytes(mb)} | {exact_bytes(ma)} "
+            f"| measured, less copies of parameters or inputs | {exact_bytes(less[0])} | {exact_bytes(less[1])} "
             f"| {'n/a' if rc is None else f'{rc:.3f}'} |"
         )
-    out += [
-        "",
-    ]
+    out.append("")
     for side, r in report.reconciliation().items():
         state = {"differ": "**differ**"}.get(r.state, r.state)
         out.append(f"- **{side}**: planned and measured {state}")

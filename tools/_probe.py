@@ -102,27 +102,16 @@ def qdq_fn(f: StorageFacts, opt: Option, zero_preserve: bool = True) -> Callable
 def split_qdq_fn(t: SavedTensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """A split storage (``t.split``) as backward rebuilds it: memory order, the leading rows as the split says
     (exact or codes of their own), the rest as the record says, concatenated and permuted back (the oracle's
-    ``_split_hat``, run eagerly)."""
-    from actpass import oracle  # registers actpass::fake_quantize
+    ``_split_hat``, run eagerly, on the same ``oracle.split_parts``)."""
+    from actpass import oracle  # also registers actpass::fake_quantize
     from actpass.rewrite import inverse_perm
-
-    split = t.split
-    assert split is not None and oracle is not None
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         y = x.permute(t.perm) if t.perm else x
         pieces = []
-        for bits, gend, groups, chunk, row_block, start, end in (
-            (split.bits, split.gend, split.groups, split.chunk, split.row_block, 0, split.rows),
-            (t.bits, t.gend, t.groups, t.chunk, t.row_block, split.rows, y.shape[0]),
-        ):
+        for start, end, args in oracle.split_parts(t, y.shape[0]):
             ys = y[start:end].contiguous()
-            if bits is None:
-                pieces.append(ys)
-                continue
-            g = -1 if groups is None else groups
-            fq = torch.ops.actpass.fake_quantize(ys, bits, gend or 0, g, None, chunk, row_block, False, "", 0.9)
-            pieces.append(fq)
+            pieces.append(ys if args is None else torch.ops.actpass.fake_quantize(ys, *args, False, "", 0.9))
         d = torch.cat(pieces, 0)
         return d.permute(inverse_perm(t.perm)) if t.perm else d
 
