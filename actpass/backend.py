@@ -393,9 +393,10 @@ class MesaBackend:
             if self.simulate:
                 from actpass.oracle import simulate_plan
 
-                simulate_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
+                reran = simulate_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
             else:
-                apply_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
+                reran = apply_plan(fw, bw, plan, num_fwd_outputs, self.config, facts)
+            plan = _note_reruns(plan, reran)
         except Exception as e:  # noqa: BLE001 - any failure falls back to exact storage, and says so
             self.timings.append(PassTiming(graph_id, analysis_seconds, time.perf_counter() - start))
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -443,6 +444,15 @@ class MesaBackend:
 
 class _Fallback(Exception):
     pass
+
+
+def _note_reruns(plan: GraphPlan, names: set[str]) -> GraphPlan:
+    """Say in each saved tensor's detail that backward re-runs the attention it feeds (``actpass.attention``)."""
+    if not names:
+        return plan
+    note = "; backward re-runs the attention forward on it (consistent softmax)"
+    tensors = tuple(dataclasses.replace(t, detail=t.detail + note) if t.name in names else t for t in plan.tensors)
+    return dataclasses.replace(plan, tensors=tensors)
 
 
 def _all_kept(plan: GraphPlan, reason: Reason, detail: str) -> GraphPlan:

@@ -122,6 +122,11 @@ class MesaConfig:
         "rebuild cheap elementwise results (LayerNorm affine outputs, GELU/SiLU outputs, casts of parameters) in "
         "backward from tensors stored anyway, instead of storing them",
     )
+    rerun_attention: bool = option(
+        True,
+        "when a fused attention's q/k/v are stored lossy, backward re-runs its forward kernel on them for the output "
+        "and log-sum-exp it needs, instead of the forward's (which no longer normalize the rebuilt scores)",
+    )
     max_error: float = option(
         0.05,
         "bits=8: the one-step gradient error (relative L2) the error model may estimate per graph; above it, the "

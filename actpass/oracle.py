@@ -23,7 +23,9 @@ backward must rebuild. Per decision of a saved storage with root ``R``:
 * kept: nothing.
 
 Every saved tensor of a storage (``R`` itself or a view of it) then leaves the forward graph as the same view ops
-replayed on the substitute. The backward graph is not touched.
+replayed on the substitute. The backward graph is touched in one way only: a fused attention whose q, k or v it
+receives lossy gets its forward re-run on them (``actpass.attention``, as mesa's backward does; which inputs are lossy
+is read off the oracle's own forward graph).
 
 Why it is tight. Both compiles compute the same forward value of ``R`` (same graph up to the inserted ops), so they
 see the same codes; dequantize is ``code * scale + lo`` in fp32 in both, and a recipe replays the same aten ops on
@@ -59,6 +61,7 @@ import torch
 import torch.fx as fx
 
 from actpass import _reference
+from actpass import attention as _attention
 from actpass import fused as _fused
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
 from actpass import state as _state
@@ -161,16 +164,20 @@ def simulate_plan(
     num_fwd_outputs: int,
     config: MesaConfig,
     facts: GraphFacts | None = None,
-) -> None:
-    """Rewrite ``fw`` in place so its saved outputs carry the values mesa's backward rebuilds; ``bw`` is unchanged.
+) -> set[str]:
+    """Rewrite ``fw`` in place so its saved outputs carry the values mesa's backward rebuilds; ``bw`` changes only
+    where a fused attention re-runs its forward on lossy q/k/v.
 
     Args:
         fw: the partitioned forward graph.
-        bw: the backward graph (only checked for alignment).
+        bw: the backward graph (checked for alignment; attention re-runs, see the module doc).
         plan: the plan ``planner.plan_graph`` made for this pair.
         num_fwd_outputs: how many leading forward outputs are the user's.
         config: the policy (rounding, decay).
         facts: the facts the plan was made from (the recipes of recomputed storages).
+
+    Returns:
+        The saved tensors (names) of the storages whose substitutes feed an attention given a re-run forward.
 
     Raises:
         OracleError: on a decision the oracle does not know, or graphs that do not match the plan.
@@ -264,6 +271,22 @@ def simulate_plan(
     fw_out.args = (tuple(new_outs),)
     fw.graph.lint()
     fw.recompile()
+
+    # A fused attention whose q/k/v backward receives lossy re-runs its forward there (config.rerun_attention): which
+    # saved tensors are lossy is read off this forward graph (computed from a fake_quantize or cast substitute).
+    if config.rerun_attention:
+        hats = {subst.get(storage_root(fw_nodes[m[0].name])) for m in by_root.values() if m[0].quantized}
+        lossy_fw = _attention.lossy_closure(fw.graph, {h for h in hats if h is not None})
+        ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
+        lossy = {ph[name] for name, node in replace.items() if node in lossy_fw and name in ph}
+        by_name = {t.name: t.tensor_id for t in plan.tensors}
+        reran = _attention.rerun_attention_forward(bw.graph, lossy)
+        if reran:
+            bw.graph.lint()
+            bw.recompile()
+            tids = {by_name[n.name] for r in reran for n in _attention.ancestors(r.args[1:4]) & lossy}
+            return {t.name for t in plan.tensors if t.tensor_id in tids and (t.quantized or t.recomputed)}
+    return set()
 
 
 def split_parts(t: SavedTensor, n: int) -> list[tuple[int, int, tuple | None]]:

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 from torch._prims_common import make_contiguous_strides_for
 
+from actpass import attention as _attention
 from actpass import emit as _emit
 from actpass import fused as _fused
 from actpass import ops as _ops  # noqa: F401  (registers torch.ops.actpass)
@@ -95,6 +96,8 @@ class _Rewriter:
         self.replace_out: dict[str, list[fx.Node]] = {}
         self.extra_out: list[fx.Node] = []  # forward values added as saved outputs (parameters, roots of views)
         self.bw_value: dict[str, fx.Node] = {}  # forward node name -> backward node holding its value
+        self.lossy: dict[fx.Node, list[str]] = {}  # backward node holding a storage rebuilt with an error -> names
+        self.reran: set[str] = set()  # saved tensors read by an attention backward given a re-run forward
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def first_use(self, names) -> fx.Node | None:
@@ -184,6 +187,8 @@ class _Rewriter:
             y = self.bw.graph.call_function(aten.permute.default, (y, inverse_perm(perm)))
             y.meta["val"] = y.args[0].meta["val"].permute(inverse_perm(perm))
         self.bw_value[root.name] = y
+        if members[0].bits != 1:  # every code but the 1-bit ones (masks, two-valued tensors) rounds
+            self.lossy[y] = [t.name for t in members]
         self.replay_members(members, root, y)
 
     def quantize_forward(self, members: list[SavedTensor]) -> tuple[fx.Node, list[fx.Node], tuple]:
@@ -411,6 +416,14 @@ class _Rewriter:
 
     # ---- the end -------------------------------------------------------------------------------------------------
     def finish(self) -> None:
+        if self.config.rerun_attention and self.lossy:
+            try:
+                reran = _attention.rerun_attention_forward(self.bw.graph, set(self.lossy))
+            except _attention.AttentionRewriteError as e:
+                raise RewriteError(str(e)) from e
+            for n in reran:
+                for root in _attention.ancestors(n.args[1:4]) & self.lossy.keys():
+                    self.reran.update(self.lossy[root])
         for ph in list(self.bw_ph.values()):
             if ph.name in self.replace_out:
                 if ph.users:
@@ -446,11 +459,15 @@ def apply_plan(
     num_fwd_outputs: int,
     config: MesaConfig,
     facts: GraphFacts | None = None,
-) -> None:
+) -> set[str]:
     """Rewrite ``fw`` and ``bw`` in place as ``plan`` says. Raises :class:`RewriteError` on a contract mismatch.
 
     Args:
         facts: the facts the plan was made from; needed when the plan recomputes storages (their recipes).
+
+    Returns:
+        The saved tensors (names) whose rebuilt values feed an attention backward that re-runs its forward
+        (``actpass.attention``, ``config.rerun_attention``).
     """
     rw = _Rewriter(fw, bw, num_fwd_outputs, config)
     by_root: dict[str, list[SavedTensor]] = {}
@@ -519,6 +536,7 @@ def apply_plan(
             root = rw.fw_nodes[f.root]
             rw.replay_members(members, root, env[root])  # type: ignore[arg-type]
     rw.finish()
+    return rw.reran
 
 
 def inverse_perm(perm) -> list[int]:

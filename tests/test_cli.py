@@ -444,6 +444,7 @@ FLAG_VALUES = {
     "inner": (["--inner", "eager"], "eager"),
     "quantize_outputs": (["--no-quantize-outputs"], False),
     "recompute": (["--no-recompute"], False),
+    "rerun_attention": (["--no-rerun-attention"], False),
     "max_error": (["--max-error", "0.02"], 0.02),
     "budget": (["--budget", "0.25"], 0.25),
     "codec": (["--codec", "kernels"], "kernels"),

@@ -75,10 +75,11 @@ def _inject(monkeypatch, mutate) -> None:
     real = backend_mod.apply_plan
 
     def patched(fw, bw, plan, num_fwd_outputs, config, facts=None):
-        real(fw, bw, plan, num_fwd_outputs, config, facts)
+        reran = real(fw, bw, plan, num_fwd_outputs, config, facts)
         mutate(bw)
         bw.graph.lint()
         bw.recompile()
+        return reran
 
     monkeypatch.setattr(backend_mod, "apply_plan", patched)
 

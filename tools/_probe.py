@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from actpass import attention as _attention
 from actpass import ops as _ops  # noqa: F401
 from actpass.analysis import GraphFacts, StorageFacts, gather_facts, view_chain
 from actpass.backend import MesaBackend, activation_inputs
@@ -202,6 +203,14 @@ class ProbeBackend(MesaBackend):
         )
         graph.lint()
         fw.recompile()
+        if self.config.rerun_attention:
+            # As mesa's backward does where q/k/v are lossy (actpass.attention): every probed storage may be.
+            lossy_fw = _attention.lossy_closure(graph, set(probed.values()))
+            ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
+            lossy = {ph[name] for name, node in replaced.items() if node in lossy_fw and name in ph}
+            if _attention.rerun_attention_forward(bw.graph, lossy):
+                bw.graph.lint()
+                bw.recompile()
 
     def storages(self, graph: int = 0) -> list[StorageFacts]:
         """The probed storages of compiled graph ``graph``."""

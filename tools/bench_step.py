@@ -9,7 +9,9 @@ For each model and precision (fp32, bf16 autocast) every variant is compiled sid
   options of ``tools/bench_memory.py``);
 * ``mesa8-kernels`` (not run by default): 8-bit with ``codec="kernels"``, the C++ extension ops everywhere instead
   of aten ops that Inductor fuses (what the default was before issue 9); ``mesa8-fused`` (not run by default): 8-bit
-  with ``codec="fused"``, aten ops for 16-bit tensors too (``codec="auto"`` gives those the extension kernels).
+  with ``codec="fused"``, aten ops for 16-bit tensors too (``codec="auto"`` gives those the extension kernels);
+  ``mesa8-saved-attn`` (not run by default): 8-bit with ``rerun_attention=False``, what a fused attention's backward
+  costs without re-running its forward on lossy q/k/v (``actpass/attention.py``).
 
 A step is ``zero grads -> forward (under autocast for bf16) -> loss -> backward`` (no optimizer). After the compiling
 step and ``--warmup`` more (and one step under saved-tensor hooks that records the bytes saved for backward, by
@@ -93,6 +95,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp8-pass": None,
     "mesa8-kernels": {"bits": 8, "codec": "kernels"},  # the extension ops everywhere (the choice before fusion)
     "mesa8-fused": {"bits": 8, "codec": "fused"},  # aten ops for 16-bit tensors too (auto gives them the kernels)
+    "mesa8-saved-attn": {"bits": 8, "rerun_attention": False},  # fused attention backward on the forward's out/lse
 }
 DEFAULT_VARIANTS = ["inductor", "mesa8", "mesa4", "mesa8-running", "fp8-pass"]
 PRECISIONS = ("fp32", "bf16")
