@@ -456,7 +456,8 @@ def plan_graph(
             choice[f.root] = (Option(Decision.RECOMPUTED, None, 0, 0.0, detail=detail), Reason.RECOMPUTED)
 
     # A recomputed tensor carries its sources' rounding: the error of storing a source at b bits includes what it
-    # passes on, estimated as if the rebuilt tensor itself were stored at b bits in the same layout.
+    # passes on. Measured where the table has it (sensitivity.estimate_rebuilt: the source's role stored with what is
+    # rebuilt from it replayed); else estimated as if each rebuilt tensor were stored at b bits in the same layout.
     by_root = {f.root: f for f in storages}
     dependents: dict[str, list[StorageFacts]] = {}
     for r in recomputed:
@@ -472,7 +473,12 @@ def plan_graph(
         for o in opts:
             if o.decision is Decision.QUANTIZED:
                 extra = sum(sensitivity.estimate(d.role, o.kind, o.bits, _numel(d) / total_numel) ** 2 for d in deps)
-                o = dataclasses.replace(o, err=math.sqrt(o.err**2 + extra), own_err=o.err)
+                err = math.sqrt(o.err**2 + extra)
+                if o.bits in (2, 4, 8) and o.kind not in ("bits", "sqrt", "half"):
+                    measured = sensitivity.estimate_rebuilt(f.role, o.kind, o.bits, _numel(f) / total_numel)
+                    if measured is not None:
+                        err = max(measured, o.err)
+                o = dataclasses.replace(o, err=err, own_err=o.err)
             out.append(o)
         return out
 
@@ -572,16 +578,20 @@ def plan_graph(
             choice[root] = (opt, Reason.BUDGET if opt.decision is Decision.KEPT else Reason.QUANTIZED)
         plan_budget = None if mixed else budget_bytes
 
-    # What each recomputed tensor inherits, for its record; its sources' records keep their own part.
-    inherited: dict[str, float] = {}
-    for r in recomputed:
-        d = by_root[r]
-        err2 = 0.0
-        for src in d.recipe.sources:  # type: ignore[union-attr]
-            o = choice.get(src, (None, None))[0]
-            if o is not None and o.decision is Decision.QUANTIZED:
-                err2 += sensitivity.estimate(d.role, o.kind, o.bits, _numel(d) / total_numel) ** 2
-        inherited[r] = math.sqrt(err2)
+    # What each recomputed tensor inherits, for its record; its sources' records keep their own part. A source's
+    # passed-on part (its coupled error less its own) is shared among its rebuilt tensors in proportion to their
+    # stored-at-b estimates, so the records add up to what the solver weighed.
+    inherited2: dict[str, float] = dict.fromkeys(recomputed, 0.0)
+    for src, deps in dependents.items():
+        o = choice.get(src, (None, None))[0]
+        if o is None or o.decision is not Decision.QUANTIZED:
+            continue
+        w = {d.root: sensitivity.estimate(d.role, o.kind, o.bits, _numel(d) / total_numel) ** 2 for d in deps}
+        passed = o.err**2 - o.own_err**2 if o.own_err is not None else sum(w.values())
+        total_w = sum(w.values())
+        for r, wr in w.items():
+            inherited2[r] += max(passed, 0.0) * (wr / total_w if total_w > 0 else 1.0 / len(w))
+    inherited = {r: math.sqrt(v) for r, v in inherited2.items()}
     for root, (o, reason) in list(choice.items()):
         if o.own_err is not None:
             choice[root] = (dataclasses.replace(o, err=o.own_err, own_err=None), reason)

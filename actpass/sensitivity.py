@@ -51,6 +51,29 @@ def coefficient(role: Role, layout: str, bits: int) -> float:
     return float(t["default"][key])
 
 
+def estimate_rebuilt(role: Role, layout: str, bits: int, share: float) -> float | None:
+    """What storing a storage of ``role`` costs with the storages backward rebuilds from it (recomputed LayerNorm
+    affine outputs from a normalized input, GELU/SiLU outputs from their input) replayed on its rounded values: the
+    table's ``s_rebuilt``, measured that way. None where the table has no such entry for the role.
+
+    NOTE: measured, not summed. Adding the rebuilt tensors' own stored-at-``bits`` sensitivities in quadrature (what
+    the planner did before) underestimated it 2-3.5x: on HF ViT at initialisation, 4-bit normalized LayerNorm inputs
+    cost 1.33% alone and 4.59% with the affine outputs rebuilt from them, 4-bit GELU inputs 1.33% and 3.21%.
+    """
+    by_role = table().get("s_rebuilt", {}).get(role.value)
+    if not by_role or bits not in (2, 4, 8):
+        return None
+    key = str(bits)
+    if layout in by_role and key in by_role[layout]:
+        c = float(by_role[layout][key])
+    else:
+        values = [float(v[key]) for v in by_role.values() if key in v]
+        if not values:
+            return None
+        c = max(values)
+    return math.sqrt(max(c, 0.0) * max(share, 0.0))
+
+
 def estimate(role: Role, layout: str, bits: int | None, share: float) -> float:
     """Expected contribution to the global relative gradient error (see the module docstring).
 

@@ -91,6 +91,36 @@ def test_recompute_is_exact_when_its_sources_are():
     assert rel_err(grads(model), grads(ref)) < 1e-5
 
 
+def test_a_stored_source_is_charged_what_is_rebuilt_from_it(monkeypatch, no_plan_cache):
+    """The GELU input's estimate comes from the table's s_rebuilt (measured with the GELU output rebuilt from it), and
+    the records still add up to the solver's total: the source keeps its own part, the rebuilt tensor the rest."""
+    from actpass import sensitivity
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 33, 64)
+
+    def act_in(be):
+        plan = be.plans[0]
+        (t,) = [t for t in plan.tensors if t.role is Role.ACT_INPUT]
+        (d,) = [d for d in plan.tensors if d.role is Role.ACT_OUTPUT]
+        return t, d
+
+    base = sensitivity.table()
+    t0, d0 = act_in(_compile(Block(64, 4), x, max_error=float("inf")))
+    assert t0.quantized and t0.bits == 8 and d0.recomputed
+    # Ten times the measured sensitivity with the GELU output rebuilt: the pair's estimate follows it.
+    bumped = copy.deepcopy(base)
+    for lay in bumped["s_rebuilt"]["act-in"].values():
+        lay["8"] *= 100.0
+    monkeypatch.setattr(sensitivity, "table", lambda: bumped)
+    torch._dynamo.reset()
+    t1, d1 = act_in(_compile(Block(64, 4), x, max_error=float("inf")))
+    assert t1.quantized and t1.bits == 8 and d1.recomputed
+    assert t1.est_error == pytest.approx(t0.est_error)  # its own part does not change
+    pair0, pair1 = math.hypot(t0.est_error, d0.est_error), math.hypot(t1.est_error, d1.est_error)
+    assert pair1 == pytest.approx(10.0 * pair0, rel=1e-6)  # what the solver weighed: sqrt(s_rebuilt * share)
+
+
 def test_recompute_off_stores_them():
     torch.manual_seed(0)
     be = _compile(Block(64, 4), torch.randn(2, 33, 64), recompute=False)
@@ -153,7 +183,10 @@ def test_budget_fraction_is_met_and_filled(fraction):
     assert measured.total == plan.saved_bytes_after <= plan.budget
     assert measured.total >= 0.98 * plan.budget
     splits = [t for t in plan.tensors if t.split is not None and t.bytes_before]
-    assert len(splits) >= 1
+    # Where whole storages happen to fill the budget (10% with the current table: 99.96%) there is nothing to fill.
+    assert splits or measured.total >= 0.995 * plan.budget
+    if fraction != 0.1:
+        assert splits  # 30% and 15% leave room that whole storages cannot use
     for t in splits:
         assert t.split.rows > 0
         assert t.split.bits is None or t.split.bits > t.bits  # the leading rows are the better-stored ones
@@ -347,5 +380,9 @@ def test_probabilities_take_uniform_codes_where_square_root_codes_do_not_apply(o
     torch.manual_seed(0)
     be = _compile(Block(64, 4, "eager"), torch.randn(2, 33, 64), inner="eager", max_error=float("inf"), **options)
     probs = _by_role(be.plans[0])[Role.PROBS]
-    assert probs and all(t.code == "uniform" for t in probs), probs
+    if options.get("bits") == 2:  # the solver may spend bytes on wider codes, and at 4 or 8 bits sqrt codes apply
+        assert probs and all(t.code == "uniform" or t.bits in (4, 8) for t in probs), probs
+        assert all(t.code == "uniform" for t in probs if t.bits == 2), probs
+    else:
+        assert probs and all(t.code == "uniform" for t in probs), probs
     assert any(t.quantized for t in probs)

@@ -113,6 +113,12 @@ def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
         fs = [(g, f) for g, f in p.storages() if f.role is role]
         totals = p.totals()
         share = sum(planner._numel(f) / totals[g] for g, f in fs)
+        # Storages mesa rebuilds from this role's in backward (recipes reading them): measured a second time with
+        # those replayed on the quantized values, the error the planner charges for storing this role (s_rebuilt).
+        roots = {f.root for _g, f in fs}
+        rebuilt = {
+            d.tensor_id: "recompute" for _g, d in p.storages() if d.recipe is not None and set(d.recipe.sources) & roots
+        }
         for kind in LAYOUTS:
             for bits in BITS:
                 specs, ok = {}, True
@@ -125,8 +131,14 @@ def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
                 if not ok:
                     continue
                 e = p.error(specs)
-                rows.append(dict(role=role.value, layout=kind, bits=bits, share=share, error=e, s=e * e / share))
-                log(f"  {role.value:9s} {kind:8s} {bits}b share {share:.3f}: {e:.4%}")
+                row = dict(role=role.value, layout=kind, bits=bits, share=share, error=e, s=e * e / share)
+                msg = f"  {role.value:9s} {kind:8s} {bits}b share {share:.3f}: {e:.4%}"
+                if rebuilt:
+                    er = p.error({**specs, **rebuilt})
+                    row.update(rebuilt=len(rebuilt), error_rebuilt=er, s_rebuilt=er * er / share)
+                    msg += f", {er:.4%} with {len(rebuilt)} rebuilt from it"
+                rows.append(row)
+                log(msg)
         recipes = {f.tensor_id: "recompute" for _g, f in fs if f.recipe is not None}
         if recipes:
             e = p.error(recipes)
@@ -135,14 +147,60 @@ def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
     return rows
 
 
+def carry_notes(table: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``table`` with the entries ``old`` documents in its ``notes`` (``"role.layout"``: how they were measured, by
+    another tool) carried over: this script does not measure them (e.g. ``probs.sqrt``, from tools/probe_codes.py).
+    """
+    notes = {k: v for k, v in old.get("notes", {}).items() if "." in k}
+    for key in notes:
+        role, layout = key.split(".", 1)
+        entry = old.get("s", {}).get(role, {}).get(layout)
+        if entry is not None and layout not in table["s"].get(role, {}):
+            table["s"].setdefault(role, {})[layout] = entry
+    if notes:
+        table["notes"] = notes
+    return table
+
+
+def write_table(table: dict[str, Any], log) -> None:
+    """Write ``table`` as actpass/sensitivity.json, keeping the entries the shipped one documents as measured
+    elsewhere (:func:`carry_notes`)."""
+    if sensitivity.DATA.exists():
+        table = carry_notes(table, json.loads(sensitivity.DATA.read_text()))
+    sensitivity.DATA.write_text(json.dumps(table, indent=1) + "\n")
+    sensitivity.table.cache_clear()
+    log(f"wrote {sensitivity.DATA}")
+
+
 def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "geomean") -> dict[str, Any]:
+    s = _aggregate(rows, "s", aggregate)
+    # The default for roles a model shows that the suite did not have: the largest value of any role.
+    default = {
+        str(b): max((v[str(b)] for lay in s.values() for v in lay.values() if str(b) in v), default=1.0) for b in BITS
+    }
+    return {
+        "method": "s = e**2 / share, e = one-step global relative gradient error with only that role quantized "
+        f"(probe backend, fp32), share = the role's fraction of the graph's saved activation elements; {aggregate} "
+        "over tasks. s_rebuilt: the same with the storages mesa rebuilds from that role's in backward (recipes "
+        "reading them) replayed on the quantized values, for roles that have such storages",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]]),
+        "tasks": tasks,
+        "machine": suite.machine(),
+        "default": default,
+        "s": s,
+        "s_rebuilt": _aggregate([r for r in rows if "s_rebuilt" in r], "s_rebuilt", aggregate),
+    }
+
+
+def _aggregate(rows: list[dict[str, Any]], field: str, aggregate: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{role: {layout: {bits: value}}}`` of ``field`` over the rows' tasks."""
     # Per task, the largest value over its checkpoints (a model is most sensitive once trained); then over tasks.
     per_task: dict[tuple[str, str, str, str], float] = {}
     for r in rows:
         if r["layout"] == "recompute":
             continue
         key = (r.get("task", ""), r["role"], r["layout"], str(r["bits"]))
-        per_task[key] = max(per_task.get(key, 0.0), max(r["s"], 1e-30))
+        per_task[key] = max(per_task.get(key, 0.0), max(r[field], 1e-30))
     # NOTE: a layout a task could not measure for a role (HF Llama's q/k/v include storages without heads, so only
     # "channel" ran: 2.4% at 8 bits after 150 steps) counts as that task's worst measured layout for the role. Without
     # this the per-head value came from GPT-2 alone and put Llama's post-RoPE q/k at 0.1% each (2.0% measured).
@@ -169,20 +227,7 @@ def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "
         else:
             v = math.exp(sum(math.log(x) for x in vs) / len(vs))
         s.setdefault(role, {}).setdefault(layout, {})[key] = v
-    # The default for roles a model shows that the suite did not have: the largest value of any role.
-    default = {
-        str(b): max((v[str(b)] for lay in s.values() for v in lay.values() if str(b) in v), default=1.0) for b in BITS
-    }
-    return {
-        "method": "s = e**2 / share, e = one-step global relative gradient error with only that role quantized "
-        f"(probe backend, fp32), share = the role's fraction of the graph's saved activation elements; {aggregate} "
-        "over tasks",
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]]),
-        "tasks": tasks,
-        "machine": suite.machine(),
-        "default": default,
-        "s": s,
-    }
+    return s
 
 
 def plan_specs(p: Probe, config: actpass.MesaConfig) -> tuple[dict[str, Any], list, dict[str, list[str]]]:
@@ -345,9 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         table["command"] = results["command"]
         results["table"] = table
         if not args.no_write:
-            sensitivity.DATA.write_text(json.dumps(table, indent=1) + "\n")
-            sensitivity.table.cache_clear()
-            log(f"wrote {sensitivity.DATA}")
+            write_table(table, log)
         args.check_only = True
     for name in args.tasks:
         for steps in args.train_steps:
@@ -363,9 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         table = build_table(rows, args.tasks, args.aggregate)
         results["table"] = table
         if not args.no_write:
-            sensitivity.DATA.write_text(json.dumps(table, indent=1) + "\n")
-            sensitivity.table.cache_clear()
-            log(f"wrote {sensitivity.DATA}")
+            write_table(table, log)
     for (name, steps), p in probes.items():
         if args.ablate is not None:
             log(f"{name} after {steps} steps: where the error comes from")
