@@ -60,6 +60,7 @@ CONFIGS: dict[str, str | dict[str, Any]] = {
     "mesa-8bit-err02": {"max_error": 0.02},
     "mesa-8bit-err05": {"max_error": 0.05},
     "mesa-8bit-codes": {"max_error": 1e9},
+    "mesa-8bit-saved-attn": {"rerun_attention": False},  # fused attention backward on the forward's out/lse
 }
 DEFAULT_CONFIGS = ["inductor", "mesa-8bit", "mesa-4bit"]
 
