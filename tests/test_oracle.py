@@ -386,7 +386,9 @@ class _RealSqrt:
         return getattr(self._mod, name)
 
 
-@pytest.mark.parametrize("fraction", [0.3, 0.15, 0.1])
+# Fractions where TinyLM's whole storages leave room, so the fill splits one (at 10% the current error model's whole
+# storages fill 99.96% and nothing is split).
+@pytest.mark.parametrize("fraction", [0.3, 0.2, 0.15])
 def test_split_storages_match_the_oracle_bit_for_bit(fraction):
     """Budget fills split a storage in row ranges (plan.Part: exact rows + codes, or wider + narrower codes); mesa's
     backward (two parts, each dequantized, concatenated) and the oracle's forward (slices fake-quantized, concatenated)
