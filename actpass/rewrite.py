@@ -98,6 +98,7 @@ class _Rewriter:
         self.bw_value: dict[str, fx.Node] = {}  # forward node name -> backward node holding its value
         self.lossy: dict[fx.Node, list[str]] = {}  # backward node holding a storage rebuilt with an error -> names
         self.reran: set[str] = set()  # saved tensors read by an attention backward given a re-run forward
+        self.recomputed: dict[fx.Node, list[str]] = {}  # backward node holding a replayed storage -> its names
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def first_use(self, names) -> fx.Node | None:
@@ -421,9 +422,12 @@ class _Rewriter:
                 reran = _attention.rerun_attention_forward(self.bw.graph, set(self.lossy))
             except _attention.AttentionRewriteError as e:
                 raise RewriteError(str(e)) from e
+            # Named: the lossy storages the re-run attentions read, and the storages replayed from lossy ones.
+            tainted = _attention.lossy_closure(self.bw.graph, set(self.lossy))
+            names = {**{n: v for n, v in self.recomputed.items() if n in tainted}, **self.lossy}
             for n in reran:
-                for root in _attention.ancestors(n.args[1:4]) & self.lossy.keys():
-                    self.reran.update(self.lossy[root])
+                for root in _attention.ancestors(n.args[1:4]) & names.keys():
+                    self.reran.update(names[root])
         for ph in list(self.bw_ph.values()):
             if ph.name in self.replace_out:
                 if ph.users:
@@ -535,6 +539,7 @@ def apply_plan(
             rw.replay(nodes, env)
             root = rw.fw_nodes[f.root]
             rw.replay_members(members, root, env[root])  # type: ignore[arg-type]
+            rw.recomputed[env[root]] = [t.name for t in members]  # type: ignore[index]
     rw.finish()
     return rw.reran
 

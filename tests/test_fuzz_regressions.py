@@ -8,6 +8,7 @@ gradients, the same plans.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -373,3 +374,16 @@ def test_pooled_rank_one_head_input_stays_within_the_8_bit_bound() -> None:
     assert out.kind is None, f"{out.kind}: {out.detail}"
     pooled = [t for t in _planned(POOLED_RANK_ONE, fuzz.Setup(inner="eager"), 1) if "pooled (a mean/sum" in t.detail]
     assert pooled and all(t.reason is Reason.SENSITIVE and not t.quantized for t in pooled)
+
+
+def test_attention_rerun_names_storages_replayed_from_lossy_ones() -> None:
+    """Seed 25030 (bits=4, Inductor): a q/k/v storage replayed in backward (``clone`` of the 4-bit qkv projection)
+    feeds an sdpa whose forward backward re-runs. The oracle named it in the plan's "re-runs the attention" note and
+    mesa did not (mesa only named dequantized storages): the plans differed. Both now name it."""
+    d = json.loads((Path(__file__).parent / "fixtures" / "fuzz-25030.json").read_text())
+    prog = fuzzgen.Program.from_json(d["program"])
+    out = fuzz.check(prog, fuzz.Setup(**d["setup"]))
+    assert out.kind is None, out.detail
+    tensors = _planned(prog, fuzz.Setup(**d["setup"]), 1)
+    replayed = [t for t in tensors if t.recomputed and "re-runs the attention" in t.detail]
+    assert replayed, [t.detail for t in tensors]
