@@ -42,7 +42,7 @@ def lossy_closure(graph: fx.Graph, lossy: set[fx.Node]) -> set[fx.Node]:
     return out
 
 
-def rerun_attention_forward(graph: fx.Graph, lossy: set[fx.Node]) -> list[fx.Node]:
+def rerun_attention_forward(graph: fx.Graph, lossy: set[fx.Node], tainted: set[fx.Node] | None = None) -> list[fx.Node]:
     """Give each fused-attention backward of ``graph`` whose q, k or v derives from ``lossy`` the ``out`` and
     ``logsumexp`` of its forward kernel re-run on those q, k, v (inserted right before it). Returns the rewritten
     backward nodes.
@@ -50,8 +50,10 @@ def rerun_attention_forward(graph: fx.Graph, lossy: set[fx.Node]) -> list[fx.Nod
     Args:
         graph: a backward graph.
         lossy: nodes holding values rebuilt with an error (dequantized storages).
+        tainted: ``lossy_closure(graph, lossy)``, if the caller has it already.
     """
-    tainted = lossy_closure(graph, lossy)
+    if tainted is None:
+        tainted = lossy_closure(graph, lossy)
     done = []
     for n in list(graph.nodes):
         fwd = _BACKWARD_TO_FORWARD.get(n.target)  # type: ignore[arg-type]
@@ -82,6 +84,23 @@ def rerun_attention_forward(graph: fx.Graph, lossy: set[fx.Node]) -> list[fx.Nod
         n.args = (grad_out, q, k, v, out, lse, dropout_p, is_causal, *rest)
         done.append(n)
     return done
+
+
+def rerun_for_substitutes(
+    fw_graph: fx.Graph, bw: fx.GraphModule, lossy_fw: set[fx.Node], saved: dict[str, fx.Node]
+) -> tuple[list[fx.Node], set[fx.Node]]:
+    """:func:`rerun_attention_forward` where forward hands backward substitutes of its saved tensors (the oracle, the
+    measuring probe): a backward placeholder is lossy when the forward value saved under its name (``saved``) is
+    computed from ``lossy_fw`` (the substitutes that round). Recompiles ``bw`` if anything changed. Returns the
+    rewritten backward nodes and the lossy placeholders."""
+    tainted_fw = lossy_closure(fw_graph, lossy_fw)
+    ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
+    lossy = {ph[name] for name, node in saved.items() if node in tainted_fw and name in ph}
+    reran = rerun_attention_forward(bw.graph, lossy)
+    if reran:
+        bw.graph.lint()
+        bw.recompile()
+    return reran, lossy
 
 
 def ancestors(nodes) -> set[fx.Node]:

@@ -276,14 +276,9 @@ def simulate_plan(
     # saved tensors are lossy is read off this forward graph (computed from a fake_quantize or cast substitute).
     if config.rerun_attention:
         hats = {subst.get(storage_root(fw_nodes[m[0].name])) for m in by_root.values() if m[0].quantized}
-        lossy_fw = _attention.lossy_closure(fw.graph, {h for h in hats if h is not None})
-        ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
-        lossy = {ph[name] for name, node in replace.items() if node in lossy_fw and name in ph}
-        by_name = {t.name: t.tensor_id for t in plan.tensors}
-        reran = _attention.rerun_attention_forward(bw.graph, lossy)
+        reran, lossy = _attention.rerun_for_substitutes(fw.graph, bw, {h for h in hats if h is not None}, replace)
         if reran:
-            bw.graph.lint()
-            bw.recompile()
+            by_name = {t.name: t.tensor_id for t in plan.tensors}
             tids = {by_name[n.name] for r in reran for n in _attention.ancestors(r.args[1:4]) & lossy}
             return {t.name for t in plan.tensors if t.tensor_id in tids and (t.quantized or t.recomputed)}
     return set()

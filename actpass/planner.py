@@ -474,7 +474,7 @@ def plan_graph(
             if o.decision is Decision.QUANTIZED:
                 extra = sum(sensitivity.estimate(d.role, o.kind, o.bits, _numel(d) / total_numel) ** 2 for d in deps)
                 err = math.sqrt(o.err**2 + extra)
-                if o.bits in (2, 4, 8) and o.kind not in ("bits", "sqrt", "half"):
+                if o.kind != "sqrt":  # s_rebuilt holds uniform codes (1-bit and float16 options have no entry)
                     measured = sensitivity.estimate_rebuilt(f.role, o.kind, o.bits, _numel(f) / total_numel)
                     if measured is not None:
                         err = max(measured, o.err)

@@ -418,12 +418,12 @@ class _Rewriter:
     # ---- the end -------------------------------------------------------------------------------------------------
     def finish(self) -> None:
         if self.config.rerun_attention and self.lossy:
+            tainted = _attention.lossy_closure(self.bw.graph, set(self.lossy))
             try:
-                reran = _attention.rerun_attention_forward(self.bw.graph, set(self.lossy))
+                reran = _attention.rerun_attention_forward(self.bw.graph, set(self.lossy), tainted)
             except _attention.AttentionRewriteError as e:
                 raise RewriteError(str(e)) from e
             # Named: the lossy storages the re-run attentions read, and the storages replayed from lossy ones.
-            tainted = _attention.lossy_closure(self.bw.graph, set(self.lossy))
             names = {**{n: v for n, v in self.recomputed.items() if n in tainted}, **self.lossy}
             for n in reran:
                 for root in _attention.ancestors(n.args[1:4]) & names.keys():

@@ -38,17 +38,20 @@ def table() -> dict[str, Any]:
     return json.loads(DATA.read_text())
 
 
-def coefficient(role: Role, layout: str, bits: int) -> float:
-    """``s[role, layout, bits]``; falls back to the role's other layouts, then to the table's default for ``bits``."""
-    t = table()
-    by_role = t["s"].get(role.value, {})
+def _lookup(by_role: dict[str, dict[str, float]], layout: str, bits: int) -> float | None:
+    """``by_role[layout][bits]``, else the largest value of the role's other layouts at ``bits``, else None."""
     key = str(bits)
     if layout in by_role and key in by_role[layout]:
         return float(by_role[layout][key])
     values = [float(v[key]) for v in by_role.values() if key in v]
-    if values:
-        return max(values)
-    return float(t["default"][key])
+    return max(values) if values else None
+
+
+def coefficient(role: Role, layout: str, bits: int) -> float:
+    """``s[role, layout, bits]``; falls back to the role's other layouts, then to the table's default for ``bits``."""
+    t = table()
+    c = _lookup(t["s"].get(role.value, {}), layout, bits)
+    return c if c is not None else float(t["default"][str(bits)])
 
 
 def estimate_rebuilt(role: Role, layout: str, bits: int, share: float) -> float | None:
@@ -60,18 +63,10 @@ def estimate_rebuilt(role: Role, layout: str, bits: int, share: float) -> float 
     the planner did before) underestimated it 2-3.5x: on HF ViT at initialisation, 4-bit normalized LayerNorm inputs
     cost 1.33% alone and 4.59% with the affine outputs rebuilt from them, 4-bit GELU inputs 1.33% and 3.21%.
     """
-    by_role = table().get("s_rebuilt", {}).get(role.value)
-    if not by_role or bits not in (2, 4, 8):
+    if bits not in (2, 4, 8):
         return None
-    key = str(bits)
-    if layout in by_role and key in by_role[layout]:
-        c = float(by_role[layout][key])
-    else:
-        values = [float(v[key]) for v in by_role.values() if key in v]
-        if not values:
-            return None
-        c = max(values)
-    return math.sqrt(max(c, 0.0) * max(share, 0.0))
+    c = _lookup(table().get("s_rebuilt", {}).get(role.value, {}), layout, bits)
+    return None if c is None else math.sqrt(max(c, 0.0) * max(share, 0.0))
 
 
 def estimate(role: Role, layout: str, bits: int | None, share: float) -> float:

@@ -205,12 +205,7 @@ class ProbeBackend(MesaBackend):
         fw.recompile()
         if self.config.rerun_attention:
             # As mesa's backward does where q/k/v are lossy (actpass.attention): every probed storage may be.
-            lossy_fw = _attention.lossy_closure(graph, set(probed.values()))
-            ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
-            lossy = {ph[name] for name, node in replaced.items() if node in lossy_fw and name in ph}
-            if _attention.rerun_attention_forward(bw.graph, lossy):
-                bw.graph.lint()
-                bw.recompile()
+            _attention.rerun_for_substitutes(graph, bw, set(probed.values()), replaced)
 
     def storages(self, graph: int = 0) -> list[StorageFacts]:
         """The probed storages of compiled graph ``graph``."""
