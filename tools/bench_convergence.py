@@ -61,6 +61,8 @@ CONFIGS: dict[str, str | dict[str, Any]] = {
     "mesa-8bit-err05": {"max_error": 0.05},
     "mesa-8bit-codes": {"max_error": 1e9},
     "mesa-8bit-saved-attn": {"rerun_attention": False},  # fused attention backward on the forward's out/lse
+    # Llama's q (after the rotary add) and its expanded k/v kept exact: what q/k/v rounding costs in training
+    "mesa-8bit-exact-qkv": {"overrides": {"*self_attn:add#*": 0, "*self_attn:clone#*": 0}},
 }
 DEFAULT_CONFIGS = ["inductor", "mesa-8bit", "mesa-4bit"]
 
