@@ -14,7 +14,8 @@ Format (every field but ``path`` and ``max_saved_bytes`` is optional; unknown ke
     inputs_attr = "example_inputs"
     loss_attr = "loss"
     device = "cpu"
-    [model.options]                # MesaConfig fields, as torch.compile(..., options={...})
+    [model.options]                # MesaConfig fields, as torch.compile(..., options={...}); a `sensitivity`
+                                   # table (actpass calibrate) is relative to this budgets file
     bits = 8
 
 ``--update`` rewrites ``max_saved_bytes`` (and ``baseline_bytes``) in place, keeping comments and every other field.
@@ -177,6 +178,9 @@ def _validate(p: Path, data: dict[str, Any], text: str, require_budgets: bool) -
         options = e.get("options", {})
         if not isinstance(options, dict):
             raise BudgetError(f"actpass: {where}: options must be a table, got {options!r}")
+        options = dict(options)
+        if isinstance(options.get("sensitivity"), str):  # a calibrated table: relative to this file, like `path`
+            options["sensitivity"] = str(p.parent / options["sensitivity"])
         try:
             MesaConfig.from_dict(options)
         except (ValueError, TypeError) as exc:

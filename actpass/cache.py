@@ -7,8 +7,8 @@ it the partitioner's ``uuid()`` (verified on torch 2.13: ``FxGraphHashDetails._c
 whenever the rewrite could: :func:`partitioner_uuid` hashes
 
 * the pass's own source (every ``actpass/*.py`` file),
-* the config (``MesaConfig.to_dict()``), the running-statistics store name and the key prefix (both are baked into
-  the graphs as running-statistics keys),
+* the config (``MesaConfig.to_dict()``; a calibrated sensitivity table by its contents), the running-statistics
+  store name and the key prefix (both are baked into the graphs as running-statistics keys),
 * what the analysis reads from the Dynamo graph that AOTAutograd's key leaves out: node metadata (module paths, which
   the include/exclude/override globs and the running-statistics keys are made of; ``GraphModule.__reduce__`` drops
   ``node.meta``, so two models with the same code but other module names share a key otherwise).
@@ -37,6 +37,8 @@ import torch
 import torch._functorch.config
 import torch._inductor.config
 import torch.fx as fx
+
+from actpass import sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ def partitioner_uuid(
             "format": _FORMAT,
             "pass": pass_digest(),
             "config": config_dict,
+            "sensitivity": sensitivity.digest(config_dict.get("sensitivity")),  # the table's contents, not its path
             "store": store_name,
             "key_prefix": key_prefix,
             "meta": _meta_digest(gm),

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect and budget the activation memory that torch.compile(backend='mesa') saves for backward.",
     )
     parser.add_argument("--version", action="version", version=version_text())
-    sub = parser.add_subparsers(dest="command", metavar="{inspect,check}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{inspect,check,calibrate}", parser_class=_Parser)
     sub.required = True
 
     ins = sub.add_parser(
@@ -219,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     prog = chk.add_mutually_exclusive_group()
     prog.add_argument("--progress", dest="progress", action="store_true", default=None, help="log progress to stderr")
     prog.add_argument("--no-progress", dest="progress", action="store_false", help="never log progress")
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure the planner's error model on MODEL.py; use it with --sensitivity FILE",
+        description="Measure, on MODEL.py's example inputs, how much one training step's gradients move when each "
+        "kind of saved tensor is stored at 8, 4 or 2 bits, and write the planner's sensitivity table for this model. "
+        "inspect/check/torch.compile take it as --sensitivity FILE (MesaConfig(sensitivity=FILE)): budget= and "
+        "bits=4/2 plans then spend bytes where this model needs them, and report its error, not a suite-wide bound.",
+    )
+    cal.add_argument("path", metavar="MODEL.py", help="model file defining `model` and `example_inputs`")
+    cal.add_argument(
+        "-o", "--output", metavar="FILE", help="where to write the table (default: ./<MODEL>-sensitivity.json)"
+    )
+    _add_model_options(cal)
+    _add_policy_options(cal)
     return parser
 
 
@@ -430,6 +445,46 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OVER if over else EXIT_OK
 
 
+# -------------------------------------------------------------------------------------------------------- calibrate
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    _require_file(args.path)
+    out = Path(args.output or f"{Path(args.path).stem}-sensitivity.json")
+    if out.exists() and not out.is_file():
+        raise BadInput(f"actpass: --output is not a file: {out}")
+    if not out.parent.is_dir():
+        raise BadInput(f"actpass: --output: no such directory: {out.parent}")
+    _setup_progress(args.progress)
+    _quiet_torch()
+    spec = _load(
+        args.path,
+        model_attr=args.model_attr,
+        inputs_attr=args.inputs_attr,
+        loss_attr=args.loss_attr,
+        device=args.device,
+        seed=args.seed,
+    )
+    from actpass import calibrate
+
+    progress = logging.getLogger("actpass.cli")
+    progress.info("actpass: calibrating %s ...", args.path)
+    try:
+        table = calibrate.calibrate(
+            spec.model, spec.args, spec.kwargs, spec.loss_fn, config=config, log=lambda m: progress.info("%s", m)
+        )
+    except ValueError as exc:
+        msg = str(exc)
+        raise BadInput(msg if msg.startswith("actpass:") else f"actpass: {msg}") from None
+    table["calibrated"]["model"] = f"{args.path}:{spec.model_attr}"
+    calibrate.write_table(table, out)
+    print(f"one step's global gradient error with only that kind of saved tensor rounded ({args.path}):")
+    print(calibrate.summary(table))
+    print(f"wrote {out}; use it with: actpass inspect {args.path} --sensitivity {out}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------------- main
 
 
@@ -440,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         return cmd_check(args)
     except (BadInput, BudgetError, ModelFileError) as exc:
         print(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, file=sys.stderr)

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import os
 import textwrap
 from collections.abc import Mapping
 from typing import Any
@@ -143,6 +144,12 @@ class MesaConfig:
         "apply and measured faster), 'fused' (aten ops wherever they apply, 16-bit tensors too) or 'kernels' (the "
         "C++/CUDA extension ops everywhere)",
     )
+    sensitivity: str | None = option(
+        None,
+        "a sensitivity table measured on this model (`actpass calibrate MODEL.py -o FILE`, a JSON path): the "
+        "planner's error model uses it instead of the shipped suite-wide one",
+        metavar="FILE",
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -168,6 +175,13 @@ class MesaConfig:
         for name in ("include", "exclude", "include_ops", "exclude_ops"):
             set_(self, name, _as_tuple(name, getattr(self, name)))
         set_(self, "overrides", _overrides(self.overrides))
+        if self.sensitivity is not None:
+            if not isinstance(self.sensitivity, (str, os.PathLike)) or not str(self.sensitivity):
+                raise ValueError(f"actpass: sensitivity must be the path of a table file, got {self.sensitivity!r}")
+            from actpass import sensitivity
+
+            set_(self, "sensitivity", os.fspath(self.sensitivity))
+            sensitivity.load(self.sensitivity)  # a missing or malformed table fails here, not at the first compile
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-friendly values; ``MesaConfig.from_dict(c.to_dict()) == c``."""

@@ -403,7 +403,7 @@ def plan_graph(
 
     Args:
         facts: :func:`actpass.analysis.gather_facts` of the graph pair.
-        config: the policy.
+        config: the policy (its ``sensitivity`` table, if it names one, is the error model's).
         graph_id, name: where this graph sits in the backend's compile order.
         store_name, key_prefix: running-statistics entry names (only used when ``config.stats`` is running).
         budget_bytes: bytes this graph's saved activations must fit in (budget mode); None for ``bits=`` mode.
@@ -414,6 +414,28 @@ def plan_graph(
     Raises:
         BudgetError: ``budget_bytes`` is smaller than the smallest reachable size.
     """
+    with sensitivity.using(config.sensitivity):
+        return _plan_graph(
+            facts,
+            config,
+            graph_id=graph_id,
+            name=name,
+            store_name=store_name,
+            key_prefix=key_prefix,
+            budget_bytes=budget_bytes,
+        )
+
+
+def _plan_graph(
+    facts: GraphFacts,
+    config: MesaConfig,
+    *,
+    graph_id: int,
+    name: str | None,
+    store_name: str,
+    key_prefix: str,
+    budget_bytes: int | None,
+) -> GraphPlan:
     storages = facts.storages
     total_numel = sum(_numel(f) for f in storages if _counted(f)) or 1
     choice: dict[str, tuple[Option, Reason]] = {}

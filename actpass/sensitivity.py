@@ -11,7 +11,8 @@ of different storages add in quadrature (independent rounding errors). ``s[r, k,
 ``b`` bits with layout ``k`` (everything else exact), measure the step's gradient error ``e_r`` against the same
 partition kept exact, and take ``e_r**2 / (n_r / N)``; the table keeps the largest value over the models (a
 conservative estimate). The numbers live in ``sensitivity.json`` next to this file, with the command and commit
-that produced them.
+that produced them. A table measured on one model (``actpass calibrate``, :mod:`actpass.calibrate`) replaces it
+where ``MesaConfig(sensitivity=path)`` names one: :func:`using` makes it the active table while a plan is made.
 
 Example:
     >>> from actpass.plan import Role
@@ -21,21 +22,115 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import math
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from actpass.plan import Role
+if TYPE_CHECKING:  # (no torch import: budgets files naming a table are validated without it)
+    from actpass.plan import Role
 
 DATA = Path(__file__).with_name("sensitivity.json")
 
 
+_ACTIVE: list[dict[str, Any]] = []  # tables made active by using(), innermost last
+
+
+class SensitivityTableError(ValueError):
+    """A sensitivity table file that cannot be used; the message is one line meant for the user."""
+
+
 @functools.cache
-def table() -> dict[str, Any]:
-    """The measured table (``sensitivity.json``): ``{"s": {role: {layout: {bits: s}}}, "default": {bits: s}, ...}``."""
+def shipped() -> dict[str, Any]:
+    """The table shipped with the package (``sensitivity.json``)."""
     return json.loads(DATA.read_text())
+
+
+def table() -> dict[str, Any]:
+    """The active table: ``{"s": {role: {layout: {bits: s}}}, "default": {bits: s}, ...}``; the shipped one unless
+    :func:`using` made a calibrated one active."""
+    return _ACTIVE[-1] if _ACTIVE else shipped()
+
+
+@contextlib.contextmanager
+def using(source: str | os.PathLike[str] | Mapping[str, Any] | None) -> Iterator[None]:
+    """Make ``source`` (a table, or the path of a table file) the active table inside the block; None: no change."""
+    if source is None:
+        yield
+        return
+    t = dict(source) if isinstance(source, Mapping) else load(source)
+    _ACTIVE.append(t)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A table file, validated; raises :class:`SensitivityTableError` with a one-line message. Cached per file
+    version (path, size and modification time)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise SensitivityTableError(f"actpass: sensitivity table {str(path)!r}: {e.strerror or e}") from None
+    return _load(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path: str, _size: int, _mtime: int) -> dict[str, Any]:
+    try:
+        t = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SensitivityTableError(f"actpass: sensitivity table {path!r}: cannot read it: {e}") from None
+    except json.JSONDecodeError as e:
+        raise SensitivityTableError(f"actpass: sensitivity table {path!r} is not JSON: {e}") from None
+    problem = _invalid(t)
+    if problem:
+        raise SensitivityTableError(
+            f"actpass: sensitivity table {path!r}: {problem} (write one with `actpass calibrate MODEL.py -o FILE`)"
+        )
+    return t
+
+
+def _invalid(t: Any) -> str | None:
+    """What makes ``t`` unusable as a table, or None."""
+    if not isinstance(t, dict):
+        return "not a JSON object"
+    default = t.get("default")
+    if not isinstance(default, dict) or any(not _number(default.get(str(b))) for b in (8, 4, 2)):
+        return 'no "default" with a number for each of "8", "4", "2"'
+    for field in ("s", "s_rebuilt"):
+        by_role = t.get(field, {})
+        if field == "s" and not isinstance(by_role, dict):
+            return 'no "s" object'
+        if not isinstance(by_role, dict):
+            return f'"{field}" is not an object'
+        for role, layouts in by_role.items():
+            if not isinstance(layouts, dict) or not all(
+                isinstance(v, dict) and all(_number(x) for x in v.values()) for v in layouts.values()
+            ):
+                return f'"{field}"."{role}" is not {{layout: {{bits: number}}}}'
+    return None
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def digest(path: str | os.PathLike[str] | None) -> str | None:
+    """sha256 of a table file's contents (plans made with it are cached under it); None for the shipped table."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _lookup(by_role: dict[str, dict[str, float]], layout: str, bits: int) -> float | None:

@@ -430,6 +430,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # Each MesaConfig field, a flag value and the config value it must give (a new field fails here until it is added).
+_TABLE = REPO / "actpass" / "sensitivity.json"
 FLAG_VALUES = {
     "bits": (["--bits", "4"], 4),
     "stats": (["--stats", "running"], "running"),
@@ -448,6 +449,7 @@ FLAG_VALUES = {
     "max_error": (["--max-error", "0.02"], 0.02),
     "budget": (["--budget", "0.25"], 0.25),
     "codec": (["--codec", "kernels"], "kernels"),
+    "sensitivity": (["--sensitivity", str(_TABLE)], str(_TABLE)),
 }
 
 

@@ -1,7 +1,7 @@
 """Measure the planner's per-role sensitivities and check its error model; writes ``actpass/sensitivity.json``.
 
 For each task of the training suite (``tools/suite.py``), the model is compiled once with the probe backend
-(``tools/_probe.py``: mesa's partition and analysis; every saved storage routed through a runtime-switchable
+(``actpass/probe.py``: mesa's partition and analysis; every saved storage routed through a runtime-switchable
 quantize -> dequantize), and one training step's gradients are compared with the exact step's:
 
 1. **Per role, layout and bit width**: only the storages of one role are quantized (``b`` = 8, 4, 2 bits, with each
@@ -18,6 +18,8 @@ Usage::
     python tools/measure_sensitivity.py --tasks hf-gpt2 vit --no-write
     python tools/measure_sensitivity.py --tasks hf-llama --train-steps 150 --check-only --ablate '{"bits": 8}' \
         --out /tmp/ablate.json                            # which storages make a plan's error, per role
+    python tools/measure_sensitivity.py --calibrated --out tools/results/sensitivity-calibrated-cpu.json
+                                                          # actpass calibrate's tables, checked on held-out batches
 
 Results: ``tools/results/sensitivity-cpu.json`` (every measurement, the command, machine and commit).
 """
@@ -36,17 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _probe  # noqa: E402
 import suite  # noqa: E402
 
 import actpass  # noqa: E402
-from actpass import planner, sensitivity  # noqa: E402
+from actpass import calibrate, planner, sensitivity  # noqa: E402
+from actpass import probe as _probe  # noqa: E402
 from actpass.backend import graph_budget  # noqa: E402
 from actpass.plan import Decision  # noqa: E402
 
 RESULTS = suite.ROOT / "tools" / "results"
-LAYOUTS = ("row", "channel", "head", "conv")
-BITS = (8, 4, 2)
+LAYOUTS, BITS = calibrate.LAYOUTS, calibrate.BITS
 
 
 class Probe:
@@ -54,7 +55,10 @@ class Probe:
 
     def __init__(self, name: str, seed: int = 0, autocast: bool = False, train_steps: int = 0) -> None:
         torch._dynamo.reset()
-        self.task = suite.task(name, train_steps + 1, seed)
+        # One batch past the measured one: a held-out batch of the same shape (no recompile), for --calibrated. The
+        # suite draws batches in sequence, so the first ones do not change with the count.
+        self.task = suite.task(name, train_steps + 2, seed)
+        self.held_out = self.task.batches[train_steps + 1]
         self.model = self.task.build()
         self.init = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.batch = self.task.batches[0]
@@ -75,6 +79,11 @@ class Probe:
                 opt.zero_grad(set_to_none=True)
             self.init = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.batch = self.task.batches[train_steps]
+        self.exact = self.grads()
+
+    def use_batch(self, batch) -> None:
+        """Measure on ``batch`` from now on (exact gradients retaken)."""
+        self.batch = batch
         self.exact = self.grads()
 
     def grads(self) -> dict[str, torch.Tensor]:
@@ -106,45 +115,7 @@ class Probe:
 
 
 def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
-    rows = []
-    cfg = p.backend.config
-    roles = sorted({f.role for _g, f in p.storages()}, key=lambda r: r.value)
-    for role in roles:
-        fs = [(g, f) for g, f in p.storages() if f.role is role]
-        totals = p.totals()
-        share = sum(planner._numel(f) / totals[g] for g, f in fs)
-        # Storages mesa rebuilds from this role's in backward (recipes reading them): measured a second time with
-        # those replayed on the quantized values, the error the planner charges for storing this role (s_rebuilt).
-        roots = {f.root for _g, f in fs}
-        rebuilt = {
-            d.tensor_id: "recompute" for _g, d in p.storages() if d.recipe is not None and set(d.recipe.sources) & roots
-        }
-        for kind in LAYOUTS:
-            for bits in BITS:
-                specs, ok = {}, True
-                for _g, f in fs:
-                    o = planner.quantized_option(f, bits, cfg, 0.0, kind=kind)
-                    if o is None or o.kind != kind:
-                        ok = False
-                        break
-                    specs[f.tensor_id] = _probe.qdq_fn(f, o)
-                if not ok:
-                    continue
-                e = p.error(specs)
-                row = dict(role=role.value, layout=kind, bits=bits, share=share, error=e, s=e * e / share)
-                msg = f"  {role.value:9s} {kind:8s} {bits}b share {share:.3f}: {e:.4%}"
-                if rebuilt:
-                    er = p.error({**specs, **rebuilt})
-                    row.update(rebuilt=len(rebuilt), error_rebuilt=er, s_rebuilt=er * er / share)
-                    msg += f", {er:.4%} with {len(rebuilt)} rebuilt from it"
-                rows.append(row)
-                log(msg)
-        recipes = {f.tensor_id: "recompute" for _g, f in fs if f.recipe is not None}
-        if recipes:
-            e = p.error(recipes)
-            rows.append(dict(role=role.value, layout="recompute", bits=0, share=share, error=e, s=e * e / share))
-            log(f"  {role.value:9s} recompute (sources exact): {e:.4%}")
-    return rows
+    return calibrate.measure_roles(p.backend, p.error, log)
 
 
 def carry_notes(table: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +139,7 @@ def write_table(table: dict[str, Any], log) -> None:
     if sensitivity.DATA.exists():
         table = carry_notes(table, json.loads(sensitivity.DATA.read_text()))
     sensitivity.DATA.write_text(json.dumps(table, indent=1) + "\n")
-    sensitivity.table.cache_clear()
+    sensitivity.shipped.cache_clear()
     log(f"wrote {sensitivity.DATA}")
 
 
@@ -193,41 +164,7 @@ def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "
 
 
 def _aggregate(rows: list[dict[str, Any]], field: str, aggregate: str) -> dict[str, dict[str, dict[str, float]]]:
-    """``{role: {layout: {bits: value}}}`` of ``field`` over the rows' tasks."""
-    # Per task, the largest value over its checkpoints (a model is most sensitive once trained); then over tasks.
-    per_task: dict[tuple[str, str, str, str], float] = {}
-    for r in rows:
-        if r["layout"] == "recompute":
-            continue
-        key = (r.get("task", ""), r["role"], r["layout"], str(r["bits"]))
-        per_task[key] = max(per_task.get(key, 0.0), max(r[field], 1e-30))
-    # NOTE: a layout a task could not measure for a role (HF Llama's q/k/v include storages without heads, so only
-    # "channel" ran: 2.4% at 8 bits after 150 steps) counts as that task's worst measured layout for the role. Without
-    # this the per-head value came from GPT-2 alone and put Llama's post-RoPE q/k at 0.1% each (2.0% measured).
-    layouts_of: dict[str, set[str]] = {}
-    for _task, role, layout, _bits in per_task:
-        layouts_of.setdefault(role, set()).add(layout)
-    for task, role, _layout, bits in list(per_task):
-        worst = max(v for (t, r, _l, b), v in per_task.items() if (t, r, b) == (task, role, bits))
-        for other in layouts_of[role]:
-            per_task.setdefault((task, role, other, bits), worst)
-    values: dict[tuple[str, str, str], list[float]] = {}
-    for (_task, role, layout, bits), v in per_task.items():
-        values.setdefault((role, layout, bits), []).append(v)
-    s: dict[str, dict[str, dict[str, float]]] = {}
-    for (role, layout, key), vs in values.items():
-        if aggregate == "max":
-            v = max(vs)
-        elif aggregate == "median":
-            v = sorted(vs)[len(vs) // 2]
-        elif aggregate == "upper":  # between the typical task and the most sensitive one
-            logs = [math.log(x) for x in vs]
-            mu = sum(logs) / len(logs)
-            v = math.sqrt(math.exp(mu) * max(vs))
-        else:
-            v = math.exp(sum(math.log(x) for x in vs) / len(vs))
-        s.setdefault(role, {}).setdefault(layout, {})[key] = v
-    return s
+    return calibrate.aggregate_rows(rows, field, aggregate)
 
 
 def plan_specs(p: Probe, config: actpass.MesaConfig) -> tuple[dict[str, Any], list, dict[str, list[str]]]:
@@ -360,14 +297,20 @@ def main(argv: list[str] | None = None) -> None:
         help="with --check-only: where one plan's error comes from, per role group (e.g. '{\"bits\": 4}')",
     )
     ap.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="per task and checkpoint: calibrate a table on the training batch (actpass.calibrate), then check plans "
+        "made with it, and with the shipped table, on a held-out batch; writes nothing to actpass/",
+    )
+    ap.add_argument(
         "--table-from",
         type=Path,
         metavar="JSON",
         help="rebuild the table from a results file's measurements instead of measuring",
     )
     args = ap.parse_args(argv)
-    if args.ablate is not None:
-        args.check_only = True  # an ablation reads the shipped table, it does not measure a new one
+    if args.ablate is not None or args.calibrated:
+        args.check_only = True  # an ablation reads the shipped table; --calibrated measures its own, per task
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
@@ -408,6 +351,17 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_write:
             write_table(table, log)
     for (name, steps), p in probes.items():
+        if args.calibrated:
+            log(f"{name} after {steps} steps: calibrating on the training batch ...")
+            table = calibrate.table_from_rows(measure_roles(p, log))
+            p.use_batch(p.held_out)
+            log(f"{name} after {steps} steps, held-out batch: the calibrated table")
+            with sensitivity.using(table):
+                cal = check_model(p, log)
+            log(f"{name} after {steps} steps, held-out batch: the shipped table")
+            shipped = check_model(p, log)
+            results.setdefault("calibrated", {})[f"{name}@{steps}"] = {"calibrated": cal, "shipped": shipped}
+            continue
         if args.ablate is not None:
             log(f"{name} after {steps} steps: where the error comes from")
             results.setdefault("ablate", {})[f"{name}@{steps}"] = ablate(p, args.ablate, log)

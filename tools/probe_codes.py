@@ -4,7 +4,7 @@ The planner keeps HF GPT-2's softmax probabilities and attention scores exact at
 8-bit uniform codes for them trained worse (tools/results/convergence-cpu-maxerror.json). This measures, on the
 training suite's models after ``--steps`` exact training steps (where the error model's worst case comes from), the
 one-step global relative gradient error when only one role's storages are stored with another code, through the
-probe backend (tools/_probe.py: mesa's partition and analysis, saved tensors routed through a quantize -> dequantize
+probe backend (actpass/probe.py: mesa's partition and analysis, saved tensors routed through a quantize -> dequantize
 chosen at run time), everything else exact:
 
 * ``uniform8`` / ``uniform4``: the planner's own option for the role (its layout, the reference quantizer);
@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _probe  # noqa: E402
 import measure_sensitivity as ms  # noqa: E402
 import suite  # noqa: E402
 
 from actpass import planner  # noqa: E402
+from actpass import probe as _probe  # noqa: E402
 from actpass.plan import Role  # noqa: E402
 
 ROLES = ("probs", "scores", "logits")
