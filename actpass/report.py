@@ -791,6 +791,8 @@ def _graph_title(report: Report, p: GraphPlan, *, verbose: bool = False) -> str:
     dtypes = {t.dtype for t in p.tensors if t.counted}
     if len(dtypes) == 1:
         title += f", all {dtype_text(dtypes.pop())}"
+    if p.quantized or p.recomputed:  # the error model's (the shipped table's bound, or a calibrated one's)
+        title += f", est. gradient error {p.est_error:.2%}"
     if verbose and p.graph_id in report.timings:
         analysis, rewrite = report.timings[p.graph_id]
         title += f"  [pass: analysis {analysis * 1e3:.1f} ms, rewrite {rewrite * 1e3:.1f} ms]"
