@@ -241,12 +241,7 @@ def calibrate(
             raise ValueError("actpass: calibrate: the loss gives every parameter a zero gradient; nothing to measure")
 
         def error(specs: dict[str, Any]) -> float:
-            probe.SPECS.clear()
-            probe.SPECS.update(specs)
-            try:
-                return probe.global_rel_err(grads(), exact)
-            finally:
-                probe.SPECS.clear()
+            return probe.step_error(specs, grads, exact)
 
         if not any(backend.storages(g) for g in range(len(backend.facts))):
             raise ValueError("actpass: calibrate: the model saves no tensor the planner could store in fewer bytes")

@@ -128,8 +128,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     try:
         return MesaConfig.from_dict(d)
     except (ValueError, TypeError) as exc:
-        msg = str(exc)
-        raise BadInput(msg if msg.startswith("actpass:") else f"actpass: {msg}") from None
+        raise _bad_input(exc) from None
 
 
 def _override(flag: str, item: str) -> tuple[str, int]:
@@ -293,6 +292,24 @@ def _load(
     return spec
 
 
+def _load_from_args(args: argparse.Namespace) -> Any:
+    """:func:`_load` with the model options of inspect/calibrate (``_add_model_options``)."""
+    return _load(
+        args.path,
+        model_attr=args.model_attr,
+        inputs_attr=args.inputs_attr,
+        loss_attr=args.loss_attr,
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+def _bad_input(exc: BaseException) -> BadInput:
+    """A ValueError from the library as the CLI's one-line bad input (prefixed ``actpass:`` if it is not)."""
+    msg = str(exc)
+    return BadInput(msg if msg.startswith("actpass:") else f"actpass: {msg}")
+
+
 def _measure_mesa(spec: Any, config: MesaConfig) -> tuple[Any, Any]:
     from actpass.backend import mesa
     from actpass.measure import measure_saved_bytes
@@ -341,14 +358,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     baseline = None if args.baseline.lower() == "none" else args.baseline
     if baseline:
         _check_backend(baseline)
-    spec = _load(
-        args.path,
-        model_attr=args.model_attr,
-        inputs_attr=args.inputs_attr,
-        loss_attr=args.loss_attr,
-        device=args.device,
-        seed=args.seed,
-    )
+    spec = _load_from_args(args)
     before = _measure_baseline(spec, baseline) if baseline else None
     backend, after = _measure_mesa(spec, config)
     backend.check_globs()
@@ -458,14 +468,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise BadInput(f"actpass: --output: no such directory: {out.parent}")
     _setup_progress(args.progress)
     _quiet_torch()
-    spec = _load(
-        args.path,
-        model_attr=args.model_attr,
-        inputs_attr=args.inputs_attr,
-        loss_attr=args.loss_attr,
-        device=args.device,
-        seed=args.seed,
-    )
+    spec = _load_from_args(args)
     from actpass import calibrate
 
     progress = logging.getLogger("actpass.cli")
@@ -475,8 +478,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             spec.model, spec.args, spec.kwargs, spec.loss_fn, config=config, log=lambda m: progress.info("%s", m)
         )
     except ValueError as exc:
-        msg = str(exc)
-        raise BadInput(msg if msg.startswith("actpass:") else f"actpass: {msg}") from None
+        raise _bad_input(exc) from None
     table["calibrated"]["model"] = f"{args.path}:{spec.model_attr}"
     calibrate.write_table(table, out)
     print(f"one step's global gradient error with only that kind of saved tensor rounded ({args.path}):")

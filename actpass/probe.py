@@ -233,6 +233,19 @@ def _remap(a, env):
     return a
 
 
+def step_error(
+    specs: dict[str, Any], grads: Callable[[], dict[str, torch.Tensor]], exact: dict[str, torch.Tensor]
+) -> float:
+    """Run ``grads()`` (one step, returning parameter gradients) under ``specs`` and return its
+    :func:`global_rel_err` against ``exact``; :data:`SPECS` is empty again afterwards."""
+    SPECS.clear()
+    SPECS.update(specs)
+    try:
+        return global_rel_err(grads(), exact)
+    finally:
+        SPECS.clear()
+
+
 def global_rel_err(g: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     """``||g - ref|| / ||ref||`` over every parameter gradient."""
     num = sum(float((g[k].float() - ref[k].float()).pow(2).sum()) for k in ref)
@@ -240,4 +253,4 @@ def global_rel_err(g: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> 
     return math.sqrt(num / den) if den else 0.0
 
 
-__all__ = ["SPECS", "ProbeBackend", "global_rel_err", "qdq_fn"]
+__all__ = ["SPECS", "ProbeBackend", "global_rel_err", "qdq_fn", "step_error"]

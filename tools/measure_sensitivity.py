@@ -47,7 +47,7 @@ from actpass.backend import graph_budget  # noqa: E402
 from actpass.plan import Decision  # noqa: E402
 
 RESULTS = suite.ROOT / "tools" / "results"
-LAYOUTS, BITS = calibrate.LAYOUTS, calibrate.BITS
+BITS = calibrate.BITS
 
 
 class Probe:
@@ -106,12 +106,7 @@ class Probe:
         return out
 
     def error(self, specs: dict[str, Any]) -> float:
-        _probe.SPECS.clear()
-        _probe.SPECS.update(specs)
-        try:
-            return _probe.global_rel_err(self.grads(), self.exact)
-        finally:
-            _probe.SPECS.clear()
+        return _probe.step_error(specs, self.grads, self.exact)
 
 
 def measure_roles(p: Probe, log) -> list[dict[str, Any]]:
@@ -144,7 +139,7 @@ def write_table(table: dict[str, Any], log) -> None:
 
 
 def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "geomean") -> dict[str, Any]:
-    s = _aggregate(rows, "s", aggregate)
+    s = calibrate.aggregate_rows(rows, "s", aggregate)
     # The default for roles a model shows that the suite did not have: the largest value of any role.
     default = {
         str(b): max((v[str(b)] for lay in s.values() for v in lay.values() if str(b) in v), default=1.0) for b in BITS
@@ -159,12 +154,8 @@ def build_table(rows: list[dict[str, Any]], tasks: list[str], aggregate: str = "
         "machine": suite.machine(),
         "default": default,
         "s": s,
-        "s_rebuilt": _aggregate([r for r in rows if "s_rebuilt" in r], "s_rebuilt", aggregate),
+        "s_rebuilt": calibrate.aggregate_rows([r for r in rows if "s_rebuilt" in r], "s_rebuilt", aggregate),
     }
-
-
-def _aggregate(rows: list[dict[str, Any]], field: str, aggregate: str) -> dict[str, dict[str, dict[str, float]]]:
-    return calibrate.aggregate_rows(rows, field, aggregate)
 
 
 def plan_specs(p: Probe, config: actpass.MesaConfig) -> tuple[dict[str, Any], list, dict[str, list[str]]]:
