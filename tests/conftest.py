@@ -9,7 +9,15 @@ import pytest
 # config (actpass/cache.py). A test that monkeypatches planner internals changes neither, so a developer's cache (or an
 # earlier test of the same session) could hand a later test a plan made under the patch. Each session gets its own dir;
 # tests that patch the planner also turn the cache off (the no_plan_cache fixture below).
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="actpass-tests-inductor-")
+# The workers of one `pytest -n N` run share the dir (xdist gives them one run id): a graph or kernel that tests in
+# different files compile alike is compiled once per run, not once per worker.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN:
+    _DIR = os.path.join(tempfile.gettempdir(), f"actpass-tests-inductor-{_RUN}")
+    os.makedirs(_DIR, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _DIR
+else:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="actpass-tests-inductor-")
 
 
 def pytest_configure(config):

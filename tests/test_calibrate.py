@@ -32,22 +32,27 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory):
-    """A two-block transformer, its input, and its calibrated table (written to a file)."""
+    """A two-block transformer, its input, and its calibrated table (written to a file), all under inner="eager".
+
+    (The estimate is about the error model, which inner="eager" exercises the same way at a twentieth of Inductor's
+    compile time on the 2-core CI machine; the Inductor partition's roles are checked on one block below.)"""
     torch.manual_seed(0)
     model, x = TwoBlocks(), torch.randn(2, 65, 64)
-    table = calibrate.calibrate(model, (x,), loss_fn=_loss)
+    table = calibrate.calibrate(model, (x,), loss_fn=_loss, config=actpass.MesaConfig(inner="eager"))
     path = calibrate.write_table(table, tmp_path_factory.mktemp("cal") / "table.json")
     return model, x, table, path
 
 
 def _measured(model: nn.Module, x: torch.Tensor, **options) -> tuple[float, list]:
-    """One mesa step's global gradient error against Inductor's, and the plans."""
-    torch._dynamo.reset()
-    _loss(torch.compile(model, backend="inductor")(x)).backward()
+    """One mesa step's global gradient error against eager's, and the plans.
+
+    (Eager, not Inductor, as the reference: Inductor's own difference from eager is ~1e-6 of these errors, and a
+    compile costs more than the rest of the test.)"""
+    _loss(model(x)).backward()
     ref = grads(model)
     model.zero_grad(set_to_none=True)
-    torch._dynamo.reset()  # else the model's frame keeps running Inductor's code
-    be = actpass.mesa(**options)
+    torch._dynamo.reset()
+    be = actpass.mesa(inner="eager", **options)  # as calibrated
     _loss(torch.compile(model, backend=be)(x)).backward()
     got, plans = grads(model), list(be.plans)  # (a dynamo reset empties the backend's records)
     model.zero_grad(set_to_none=True)
@@ -55,11 +60,16 @@ def _measured(model: nn.Module, x: torch.Tensor, **options) -> tuple[float, list
     return rel_err(got, ref), plans
 
 
-def test_the_models_roles_are_measured_and_the_rest_kept(calibrated):
-    _model, _x, table, path = calibrated
+def test_the_models_roles_are_measured_and_the_rest_kept(tmp_path: Path):
+    """Calibrated under Inductor (the default), on a block with eager attention: probabilities, q/k/v, the GELU's
+    input and a LayerNorm output all measured."""
+    torch.manual_seed(0)
+    table = calibrate.calibrate(Block(64, 4, "eager"), (torch.randn(2, 33, 64),), loss_fn=_loss)
+    path = calibrate.write_table(table, tmp_path / "table.json")
     assert sensitivity._invalid(json.loads(path.read_text())) is None
     roles = set(table["calibrated_roles"])
-    assert {Role.QKV.value, Role.ACT_INPUT.value, Role.NORM_HAT.value, Role.PROBS.value} <= roles
+    assert {Role.QKV.value, Role.ACT_INPUT.value, Role.PROBS.value} <= roles
+    assert roles & {Role.NORM_HAT.value, Role.NORM_OUTPUT.value}  # which one Inductor's partition saves varies
     rows = table["calibrated"]["rows"]
     for role in roles:
         err = {r["bits"]: r["error"] for r in rows if r["role"] == role and r["layout"] == "channel"}

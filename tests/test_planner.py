@@ -169,14 +169,15 @@ def test_bits4_and_2_cost_what_those_codes_would(bits):
     assert plan.saved_bytes_after <= 1.05 * (codes + rest) + 8 * 4096  # + per-group statistics
 
 
-@pytest.mark.parametrize("fraction", [0.3, 0.15, 0.1])
-def test_budget_fraction_is_met_and_filled(fraction):
+# (Inductor's graphs for one fraction; the budget logic is the same under inner="eager", which compiles 5x faster.)
+@pytest.mark.parametrize(("fraction", "inner"), [(0.3, "eager"), (0.15, "eager"), (0.1, "inductor")])
+def test_budget_fraction_is_met_and_filled(fraction, inner):
     """Measured bytes (saved-tensor hooks) land within 2% under the budget (issue 8); whole storages alone left up to
     5% unused, so the last bytes buy the leading rows of a storage at its next option (plan.Part)."""
     torch.manual_seed(0)
     model = TinyLM(dim=128, depth=2)
     idx = torch.randint(0, 64, (8, 64))
-    be = actpass.mesa(budget=fraction)
+    be = actpass.mesa(budget=fraction, inner=inner)
     measured = measure_saved_bytes(model, (idx, idx), lambda loss: loss, be)
     plan = be.plans[0]
     assert plan.budget == int(fraction * plan.saved_bytes_before)
@@ -203,6 +204,7 @@ def test_budget_error_says_the_smallest_reachable_size():
 
 def test_budget_bytes_spread_over_graphs():
     """A byte budget holds for the whole model: graphs compiled later get what the earlier ones left."""
+    # (inner="eager": the split of a budget over graphs is the backend's, whatever compiles the graphs; 5x faster.)
     torch.manual_seed(0)
 
     class TwoGraphs(nn.Module):
@@ -215,7 +217,7 @@ def test_budget_bytes_spread_over_graphs():
             torch._dynamo.graph_break()
             return self.b(x)
 
-    be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=10**6)
+    be = _compile(TwoGraphs(), torch.randn(2, 33, 64), inner="eager", budget=10**6)
     assert len(be.plans) == 2
     assert sum(p.saved_bytes_after for p in be.plans) <= 10**6
     assert be.plans[1].budget == 10**6 - be.plans[0].saved_bytes_after
@@ -223,12 +225,12 @@ def test_budget_bytes_spread_over_graphs():
     smallest = [p.min_bytes_reachable for p in be.plans]
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="earlier graphs use"):
-        be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=smallest[0] + smallest[1] // 2)
+        be = _compile(TwoGraphs(), torch.randn(2, 33, 64), inner="eager", budget=smallest[0] + smallest[1] // 2)
     # (at most: the split fill may still find leading rows whose own statistics layout costs no more bytes)
     assert be.plans[1].saved_bytes_after <= be.plans[1].min_bytes_reachable
     # A fraction holds for the graphs together.
     torch._dynamo.reset()
-    be = _compile(TwoGraphs(), torch.randn(2, 33, 64), budget=0.2)
+    be = _compile(TwoGraphs(), torch.randn(2, 33, 64), inner="eager", budget=0.2)
     assert sum(p.saved_bytes_after for p in be.plans) <= 0.2 * sum(p.saved_bytes_before for p in be.plans)
 
 

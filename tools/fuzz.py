@@ -137,6 +137,9 @@ class Outcome:
     seconds: float = 0.0
     coverage: dict[str, Any] = dataclasses.field(default_factory=dict)
     program: str = ""  # JSON of the program (failures only)
+    # Not a field (kept out of the JSON record): mesa's plans of the run checked, for callers that inspect them
+    # without compiling the program again.
+    mesa_plans = ()
 
     @property
     def ok(self) -> bool:
@@ -323,6 +326,7 @@ def check(prog: Program, setup: Setup, *, src: str | None = None, want_coverage:
                     raise _Fail("invalid", f"exact compile: {_exc(e2)}") from e2
             raise _Fail("crash", _exc(e)) from e
         res.coverage = mesa_seen.coverage
+        res.mesa_plans = tuple(mesa_seen.plans)
         failed = [s for s in mesa_seen.skips if s.reason is SkipReason.REWRITE_FAILED]
         orc_be = MesaBackend(cfg, store=RunningStats(), simulate=True)
         try:
