@@ -1,0 +1,92 @@
+"""What reading integer codes costs inside an Inductor CPU kernel (issue 9).
+
+A kernel-level profile of HF Llama's fp32 step on an AVX2-only EPYC
+(``torch._inductor.config.cpp.enable_kernel_profile``) put most of mesa's extra step time in Inductor's own kernels
+(49.7 ms against 28.2 ms per step), the largest difference in the MLP's backward kernel (SiLU backward reading the
+dequantized gate and up projections: 6.85 ms against 2.20 ms), although the two kernels do the same arithmetic apart
+from one multiply-add per input. This benchmark
+separates the parts: the same SiLU-backward-shaped pointwise kernel ([512, 688], Llama's MLP at the benchmark size),
+compiled by Inductor, on fp32 inputs, on fp32 inputs with a per-column affine map, and on uint8 / int32 codes with
+and without that map. Medians of ``--reps`` calls, 1 thread.
+
+    python tools/bench_code_loads.py --out tools/results/code-loads-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def _tail(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor):
+    s = torch.sigmoid(a)
+    return a * s * b, g * b * s * (1 + a * (1 - s))
+
+
+def cases(rows: int, cols: int) -> dict:
+    torch.manual_seed(0)
+    g, fa, fb = torch.randn(rows, cols), torch.randn(rows, cols), torch.randn(rows, cols)
+    ca = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+    cb = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+    sa, la, sb, lb = torch.rand(cols), torch.randn(cols), torch.rand(cols), torch.randn(cols)
+    return {
+        "fp32": (lambda a, b, g: _tail(a, b, g), (fa, fb, g)),
+        "fp32, per-column affine": (lambda a, b, g: _tail(a * sa + la, b * sb + lb, g), (fa, fb, g)),
+        "uint8, no affine": (lambda a, b, g: _tail(a.float(), b.float(), g), (ca, cb, g)),
+        "uint8, scalar affine": (lambda a, b, g: _tail(a.float() * 0.01 - 1.0, b.float() * 0.02 - 1.0, g), (ca, cb, g)),
+        "uint8, per-column affine (mesa's dequantize)": (
+            lambda a, b, g: _tail(a.float() * sa + la, b.float() * sb + lb, g),
+            (ca, cb, g),
+        ),
+        "int32, per-column affine": (
+            lambda a, b, g: _tail(a.float() * sa + la, b.float() * sb + lb, g),
+            (ca.int(), cb.int(), g),
+        ),
+        "uint8, dequantize only": (lambda a, b, g: (a.float() * sa + la, b.float() * sb + lb), (ca, cb, g)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--cols", type=int, default=688)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {}
+    for name, (fn, inputs) in cases(args.rows, args.cols).items():
+        torch._dynamo.reset()
+        compiled = torch.compile(fn)
+        for _ in range(3):
+            compiled(*inputs)
+        ts = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            compiled(*inputs)
+            ts.append(time.perf_counter() - t0)
+        results[name] = round(sorted(ts)[len(ts) // 2] * 1e3, 4)
+        print(f"  {name:45s} {results[name]:8.3f} ms", flush=True)
+    base = results["fp32"]
+    out = {
+        "benchmark": "bench_code_loads",
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "shape": [args.rows, args.cols],
+        "median_ms": results,
+        "ratio_to_fp32": {k: round(v / base, 3) for k, v in results.items()},
+    }
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
