@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from actpass import _reference
+
 
 def _tail(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor):
     s = torch.sigmoid(a)
@@ -30,10 +32,11 @@ def _tail(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor):
 
 
 def _codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-column 8-bit codes of ``x`` (as mesa stores a channel-grouped tensor): codes, scale, lo."""
-    lo, hi = x.amin(0), x.amax(0)
-    scale = (hi - lo) / 255
-    return torch.floor((x - lo) / scale + 0.5).clamp(0, 255).to(torch.uint8), scale, lo
+    """Per-column 8-bit codes of ``x`` by the project's reference quantizer (channel groups): codes, scale, lo."""
+    cols = x.shape[-1]
+    lo, hi = _reference.group_range(x, x.dim(), cols)
+    scale = _reference.scale_of(lo, hi, 8)
+    return _reference.codes(x, lo, scale, 8, x.dim(), cols, None), scale, lo
 
 
 def cases(rows: int, cols: int) -> dict:
@@ -43,17 +46,15 @@ def cases(rows: int, cols: int) -> dict:
     g, fa, fb = torch.randn(rows, cols), torch.randn(rows, cols), torch.randn(rows, cols)
     (ca, sa, la), (cb, sb, lb) = _codes(fa), _codes(fb)
     one, zero = torch.ones(cols), torch.zeros(cols)  # the dequantize's arithmetic on fp32 inputs, same values
+
+    def dequantized_tail(a, b, g):  # mesa's per-column dequantize, then the kernel
+        return _tail(a.float() * sa + la, b.float() * sb + lb, g)
+
     return {
         "fp32": (lambda a, b, g: _tail(a, b, g), (fa, fb, g)),
         "fp32, per-column affine": (lambda a, b, g: _tail(a * one + zero, b * one + zero, g), (fa, fb, g)),
-        "uint8, per-column affine (mesa's dequantize)": (
-            lambda a, b, g: _tail(a.float() * sa + la, b.float() * sb + lb, g),
-            (ca, cb, g),
-        ),
-        "int32, per-column affine": (
-            lambda a, b, g: _tail(a.float() * sa + la, b.float() * sb + lb, g),
-            (ca.int(), cb.int(), g),
-        ),
+        "uint8, per-column affine (mesa's dequantize)": (dequantized_tail, (ca, cb, g)),
+        "int32, per-column affine": (dequantized_tail, (ca.int(), cb.int(), g)),
         "uint8, dequantize only": (lambda a, b, g: (a.float() * sa + la, b.float() * sb + lb), (ca, cb, g)),
         "fp32, copy only": (lambda a, b, g: (a * 1.0, b * 1.0), (fa, fb, g)),
     }
