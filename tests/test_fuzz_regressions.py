@@ -38,6 +38,12 @@ def _planned(prog: fuzzgen.Program, setup: fuzz.Setup, steps: int) -> list:
     return [t for p in be.plans for t in p.tensors]
 
 
+def _checked(out: fuzz.Outcome) -> list:
+    """Every plan record of the mesa run ``fuzz.check`` made (the same config and steps as :func:`_planned`, without
+    compiling the program again)."""
+    return [t for p in out.mesa_plans for t in p.tensors]
+
+
 def _attn(mask: str, qkv: str = "separate") -> dict:
     return {
         "kind": "attn", "norm": "none", "heads": 1, "kv_heads": 1, "head_dim": 8, "qkv": qkv,
@@ -156,7 +162,7 @@ def test_short_normalization_inputs_kept_exact(name: str) -> None:
     out = fuzz.check(prog, setup)
     assert out.kind is None, f"{name}: {out.kind}: {out.detail}"
     assert out.errs["tight"] == 0.0
-    tensors = _planned(prog, setup, fuzz.steps_of(prog, setup))
+    tensors = _checked(out)
     kept = [t for t in tensors if f"normalization over only {_WIDTH[name]} elements" in t.detail]
     assert kept and all(t.reason is Reason.SENSITIVE and not t.quantized for t in kept)
 
@@ -228,7 +234,7 @@ def test_short_normalization_reason_is_the_same_in_every_compile() -> None:
     for _ in range(3):
         out = fuzz.check(prog, setup)
         assert out.kind is None, f"{out.kind}: {out.detail}"
-    tensors = _planned(prog, setup, fuzz.steps_of(prog, setup))
+    tensors = _checked(out)
     (gate,) = [t for t in tensors if t.tensor_id == "b2_g:add#0"]
     assert "normalization over only 16 elements" in gate.detail and not gate.quantized
 
@@ -347,7 +353,7 @@ def test_rank_one_batchnorm_input_stays_exact(precision: str) -> None:
     setup = fuzz.Setup(inner="eager")
     out = fuzz.check(prog, setup)
     assert out.kind is None, f"{out.kind}: {out.detail}"
-    tensors = _planned(prog, setup, fuzz.steps_of(prog, setup))
+    tensors = _checked(out)
     kept = [t for t in tensors if "rank one" in t.detail]
     assert kept and all(t.reason is Reason.SENSITIVE and not t.quantized for t in kept)
     # only the product itself: the BatchNorm output after it and the pooled head input keep their own reasons
@@ -384,6 +390,6 @@ def test_attention_rerun_names_storages_replayed_from_lossy_ones() -> None:
     prog = fuzzgen.Program.from_json(d["program"])
     out = fuzz.check(prog, fuzz.Setup(**d["setup"]))
     assert out.kind is None, out.detail
-    tensors = [t for p in out.mesa_plans for t in p.tensors]  # (check's own mesa run: no second compile)
+    tensors = _checked(out)
     replayed = [t for t in tensors if t.recomputed and "re-runs the attention" in t.detail]
     assert replayed, [t.detail for t in tensors]
